@@ -1,0 +1,298 @@
+"""``magsdk.enable`` and ``magsdk.calibrate``: attach a cache session to a pipeline or transformer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, MagCacheConfig
+from magsdk.errors import BlockLayoutError, UsageError
+from magsdk.ratios import SkipPlan, plan
+from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
+from magsdk.runtime.session import CacheSession, make_curve_provider
+from magsdk.runtime.stats import CacheStats
+from magsdk.runtime.steps import scheduler_probe
+from magsdk.strategy import MagCacheStrategy
+
+logger = logging.getLogger("magsdk")
+
+_SESSION_ATTR = "_magsdk_session"
+_ABSENT = object()
+
+MetadataSource = InspectionReport | Mapping[str, BlockMetadata]
+StrategySource = MagCacheStrategy | type[MagCacheStrategy] | str
+
+
+class MagCacheHandle:
+    """What ``enable`` returns: statistics, ``disable()``, and a context manager that disables on exit."""
+
+    def __init__(
+        self,
+        sessions: list[CacheSession],
+        stats: CacheStats,
+        config: MagCacheConfig,
+        strategy: MagCacheStrategy,
+        restore: list[tuple[Any, str, Any]],
+    ) -> None:
+        self.sessions = sessions
+        self.stats = stats
+        self.config = config
+        self.strategy = strategy
+        self._restore = restore
+        self.active = True
+
+    @property
+    def blocks(self) -> list[str]:
+        """Paths of the hooked blocks, with their role (head, tail, middle)."""
+        return [f"{b.path} ({b.role})" for s in self.sessions for b in s.blocks]
+
+    def plan(self, num_steps: int, branch: str = "default") -> SkipPlan:
+        """The schedule this handle will follow for a ``num_steps`` run of ``branch``."""
+        session = self.sessions[0]
+        if session.curves is None:
+            raise UsageError("a calibration handle does not skip; it has no plan")
+        curve = session.curves(branch, 0, num_steps)
+        return plan(curve, self.config, num_steps)
+
+    def reset(self) -> None:
+        for session in self.sessions:
+            session.reset()
+
+    def disable(self) -> None:
+        if not self.active:
+            return
+        for session in self.sessions:
+            session.detach()
+            session.transformer.__dict__.pop(_SESSION_ATTR, None)
+        for obj, attr, previous in reversed(self._restore):
+            if previous is _ABSENT:
+                obj.__dict__.pop(attr, None)
+            else:
+                setattr(obj, attr, previous)
+        self._restore.clear()
+        self.active = False
+
+    def __enter__(self) -> MagCacheHandle:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.disable()
+
+
+class CalibrationHandle(MagCacheHandle):
+    """``with magsdk.calibrate(pipe) as cal: pipe(...)``; then ``cal.result`` is a ``CalibrationResult``."""
+
+    result: CalibrationResult | None = None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if exc_type is None:
+                self.result = self.collect()
+        finally:
+            self.disable()
+
+    def collect(self) -> CalibrationResult:
+        results = [s.calibration_result() for s in self.sessions]
+        result = results[0]
+        for extra, session in zip(results[1:], self.sessions[1:], strict=True):
+            for name, branch in extra.branches.items():
+                result.branches[f"{session.name}:{name}"] = branch
+        result.num_steps = max(len(b.norm_ratios) for b in result.branches.values())
+        return result
+
+
+def enable(
+    target: Any,
+    config: MagCacheConfig | None = None,
+    *,
+    strategy: StrategySource | None = None,
+    metadata: MetadataSource | None = None,
+    scheduler: Any = None,
+) -> MagCacheHandle:
+    """Attach MagCache to a pipeline (anything with ``.transformer``) or a transformer module.
+
+    With no config and no strategy, the strategy registered for the transformer's class is used.
+    Enabling twice replaces the first session (never stacks hooks).
+    """
+    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle)
+
+
+def calibrate(
+    target: Any,
+    *,
+    strategy: StrategySource | None = None,
+    metadata: MetadataSource | None = None,
+    scheduler: Any = None,
+) -> CalibrationHandle:
+    """Record norm ratios, stds, cosine distances and timesteps per branch and step; never skips."""
+    handle = _attach(target, MagCacheConfig(calibrate=True), strategy, metadata, scheduler, CalibrationHandle)
+    assert isinstance(handle, CalibrationHandle)
+    return handle
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _transformers_of(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
+    if isinstance(target, torch.nn.Module) and not hasattr(target, "transformer"):
+        return [("transformer", target)], None
+    found = []
+    for name in ("transformer", "transformer_2"):
+        module = getattr(target, name, None)
+        if isinstance(module, torch.nn.Module):
+            found.append((name, module))
+    if not found:
+        raise UsageError(
+            f"magsdk.enable() needs a diffusers pipeline with a `.transformer` or a transformer nn.Module; "
+            f"got {type(target).__name__}"
+        )
+    return found, getattr(target, "scheduler", None)
+
+
+def _resolve_strategy(
+    transformer: torch.nn.Module, strategy: StrategySource | None, metadata: MetadataSource | None
+) -> MagCacheStrategy:
+    if isinstance(strategy, MagCacheStrategy):
+        return strategy
+    if isinstance(strategy, type) and issubclass(strategy, MagCacheStrategy):
+        return strategy()
+    if isinstance(strategy, str):
+        return StrategyRegistry.require(strategy)()
+    registered = StrategyRegistry.get(type(transformer).__name__)
+    if registered is not None:
+        return registered()
+    if metadata is not None:
+        return MagCacheStrategy()
+    return StrategyRegistry.require(type(transformer).__name__)()
+
+
+def _metadata_lookup(strategy: MagCacheStrategy, metadata: MetadataSource | None) -> dict[str, BlockMetadata]:
+    lookup = dict(strategy.block_metadata)
+    if isinstance(metadata, InspectionReport):
+        lookup.update(metadata.metadata_by_class())
+    elif metadata is not None:
+        lookup.update(metadata)
+    return lookup
+
+
+def find_block_groups(
+    transformer: torch.nn.Module, lookup: Mapping[str, BlockMetadata], paths: tuple[str, ...] = ()
+) -> list[tuple[str, torch.nn.Module, BlockMetadata]]:
+    """Blocks of the stack in execution order, with their metadata.
+
+    ``paths`` (from a strategy or an inspection report) fixes the groups and their order;
+    otherwise every ModuleList / Sequential whose members all have metadata is a group, in
+    registration order.
+    """
+    containers: list[tuple[str, torch.nn.Module]] = []
+    if paths:
+        for path in paths:
+            try:
+                containers.append((path, transformer.get_submodule(path)))
+            except AttributeError as exc:
+                raise BlockLayoutError(
+                    f"{type(transformer).__name__} has no block list at {path!r}; the strategy or report "
+                    "was made for another model. Run `magsdk inspect` on this one."
+                ) from exc
+    else:
+        taken: list[str] = []
+        for path, module in transformer.named_modules():
+            if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) == 0:
+                continue
+            if any(path.startswith(prefix + ".") for prefix in taken):
+                continue
+            if all(type(child).__name__ in lookup for child in module):
+                containers.append((path, module))
+                taken.append(path)
+    blocks: list[tuple[str, torch.nn.Module, BlockMetadata]] = []
+    for path, container in containers:
+        for index, block in enumerate(container):
+            meta = lookup.get(type(block).__name__)
+            if meta is None:
+                raise BlockLayoutError(
+                    f"block {path}.{index} is a {type(block).__name__}, for which no metadata is known "
+                    f"(known: {', '.join(sorted(lookup)) or 'none'}). Run `magsdk inspect` on the transformer."
+                )
+            blocks.append((f"{path}.{index}", block, meta))
+    if not blocks:
+        raise BlockLayoutError(
+            f"no transformer blocks found in {type(transformer).__name__} for the block classes "
+            f"{', '.join(sorted(lookup)) or '(none)'}; run `magsdk inspect {type(transformer).__name__}` "
+            "to find its blocks and their conventions"
+        )
+    return blocks
+
+
+def _attach(
+    target: Any,
+    config: MagCacheConfig | None,
+    strategy_source: StrategySource | None,
+    metadata: MetadataSource | None,
+    scheduler: Any,
+    handle_cls: type[MagCacheHandle],
+) -> MagCacheHandle:
+    transformers, pipe_scheduler = _transformers_of(target)
+    scheduler = scheduler if scheduler is not None else pipe_scheduler
+    stats = CacheStats()
+    sessions: list[CacheSession] = []
+    strategy: MagCacheStrategy | None = None
+    resolved_config: MagCacheConfig | None = None
+    try:
+        for name, transformer in transformers:
+            previous = transformer.__dict__.get(_SESSION_ATTR)
+            if previous is not None:
+                previous.disable()
+            strategy = _resolve_strategy(transformer, strategy_source, metadata)
+            if config is None:
+                resolved_config = strategy.default_config()
+                tables = [(e.num_steps, e.branches) for e in strategy.calibrations]
+            else:
+                resolved_config = config
+                ratios = config.mag_ratios
+                tables = [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
+            paths: tuple[str, ...] = strategy.block_groups
+            if isinstance(metadata, InspectionReport):
+                paths = tuple(group.path for group in metadata.block_groups)
+            blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
+            session = CacheSession(
+                transformer,
+                blocks,
+                resolved_config,
+                make_curve_provider(tables) if tables else None,
+                strategy,
+                stats,
+                name=name,
+                probe=scheduler_probe(scheduler) if scheduler is not None else None,
+            )
+            sessions.append(session)
+    except BaseException:
+        for session in sessions:
+            session.detach()
+        raise
+    assert strategy is not None and resolved_config is not None
+    restore: list[tuple[Any, str, Any]] = []
+    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+        restore.append((scheduler, "set_timesteps", scheduler.__dict__.get("set_timesteps", _ABSENT)))
+        scheduler.set_timesteps = _new_generation_on(scheduler.set_timesteps, sessions)
+    handle = handle_cls(sessions, stats, resolved_config, strategy, restore)
+    for session in sessions:
+        session.transformer.__dict__[_SESSION_ATTR] = handle
+    logger.info("magsdk: MagCache on %s", ", ".join(handle.blocks[:1] + handle.blocks[-1:]))
+    return handle
+
+
+def _new_generation_on(set_timesteps: Any, sessions: list[CacheSession]) -> Any:
+    """A pipeline that sets new timesteps is starting a generation: say so to every session."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for session in sessions:
+            session.reset()
+        return set_timesteps(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,173 @@
+"""Reading hidden states out of a block's arguments and outputs, and building pass-through outputs.
+
+One ``BlockIO`` per hooked block: it resolves argument positions from the block's ``forward``
+signature once, so the per-call work is a dict lookup or a tuple index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+from magsdk.config import BlockMetadata
+from magsdk.errors import BlockLayoutError
+
+_MISSING = object()
+
+
+def forward_parameters(module: torch.nn.Module) -> list[inspect.Parameter]:
+    """Parameters of the class's own ``forward`` (not an instance wrapper), without ``self``."""
+    params = list(inspect.signature(type(module).forward).parameters.values())
+    return params[1:]
+
+
+class ArgumentReader:
+    """Finds one named argument in ``(args, kwargs)`` of a call to a known signature."""
+
+    def __init__(self, params: list[inspect.Parameter], name: str, owner: str) -> None:
+        names = [p.name for p in params]
+        self.name = name
+        self.owner = owner
+        self.index = names.index(name) if name in names else None
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        if self.index is None and not var_kw:
+            raise BlockLayoutError(
+                f"{owner}.forward has no argument named {name!r} (its arguments: {', '.join(names)}); "
+                "the block metadata does not match this block. Run `magsdk inspect` on the transformer."
+            )
+        default = params[self.index].default if self.index is not None else inspect.Parameter.empty
+        self.default: Any = None if default is inspect.Parameter.empty else default
+        self.required = default is inspect.Parameter.empty
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        value = kwargs.get(self.name, _MISSING)
+        if value is not _MISSING:
+            return value
+        if self.index is not None and self.index < len(args):
+            return args[self.index]
+        if self.required:
+            raise BlockLayoutError(f"{self.owner} was called without its {self.name!r} argument")
+        return self.default
+
+
+class BlockIO:
+    """Metadata-driven access to one block's hidden / encoder states."""
+
+    def __init__(self, module: torch.nn.Module, metadata: BlockMetadata, label: str) -> None:
+        self.metadata = metadata
+        self.label = label
+        self.cls_name = type(module).__name__
+        params = forward_parameters(module)
+        self.hidden = ArgumentReader(params, metadata.hidden_states_argument_name, self.cls_name)
+        enc = metadata.encoder_hidden_states_argument_name
+        self.encoder = ArgumentReader(params, enc, self.cls_name) if enc else None
+        self.template: Any = None  # last real output, for containers that carry more than two states
+        self.verified = False
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def read_hidden(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        value = self.hidden.read(args, kwargs)
+        if not isinstance(value, torch.Tensor):
+            raise BlockLayoutError(
+                f"{self.label} ({self.cls_name}) received {type(value).__name__} as "
+                f"{self.metadata.hidden_states_argument_name!r}, expected a tensor; the metadata names the "
+                "wrong argument. Run `magsdk inspect` on the transformer."
+            )
+        return value
+
+    def read_encoder(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.encoder.read(args, kwargs) if self.encoder is not None else None
+
+    # -- outputs --------------------------------------------------------------------------------
+    def extract_hidden(self, output: Any) -> torch.Tensor:
+        meta = self.metadata
+        kind = meta.output_kind
+        try:
+            if kind == "tensor":
+                value = output
+            elif kind in ("tuple", "list"):
+                value = output[meta.return_hidden_states_index]
+            elif kind == "dict":
+                value = output[meta.return_hidden_states_key]
+            else:
+                value = getattr(output, str(meta.return_hidden_states_key))
+        except (IndexError, KeyError, TypeError, AttributeError) as exc:
+            raise self._mismatch(output, f"({exc})") from exc
+        if not isinstance(value, torch.Tensor):
+            raise self._mismatch(output, f"(found {type(value).__name__} where the hidden state should be)")
+        return value
+
+    def verify(self, output: Any) -> None:
+        """Check once that a real output has the shape the metadata promises (never pass silently)."""
+        meta = self.metadata
+        expected: dict[str, type | tuple[type, ...]] = {
+            "tensor": torch.Tensor,
+            "tuple": tuple,
+            "list": list,
+            "dict": dict,
+        }
+        if meta.output_kind == "dataclass":
+            ok = dataclasses.is_dataclass(output) or hasattr(output, str(meta.return_hidden_states_key))
+        else:
+            ok = isinstance(output, expected[meta.output_kind])
+        if not ok:
+            raise self._mismatch(output, "")
+        self.extract_hidden(output)
+        if meta.output_kind in ("tuple", "list") and meta.return_encoder_hidden_states_index is not None:
+            if meta.return_encoder_hidden_states_index >= len(output):
+                raise self._mismatch(output, "(no element at return_encoder_hidden_states_index)")
+        self.verified = True
+
+    def passthrough(self, hidden: torch.Tensor, encoder: Any) -> Any:
+        """The output this block would give if it were the identity: used on skipped steps."""
+        meta = self.metadata
+        if meta.fuses_inputs and isinstance(encoder, torch.Tensor):
+            if meta.fused_sequence_order == "image_text":
+                hidden = torch.cat([hidden, encoder], dim=1)
+            else:
+                hidden = torch.cat([encoder, hidden], dim=1)
+            encoder = None
+        kind = meta.output_kind
+        if kind == "tensor":
+            return hidden
+        if kind in ("tuple", "list"):
+            h_idx, e_idx = meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
+            size = max(h_idx, e_idx if e_idx is not None else 0) + 1
+            items: list[Any] = [None] * size
+            if isinstance(self.template, (tuple, list)) and len(self.template) > size:
+                items = list(self.template)
+            items[h_idx] = hidden
+            if e_idx is not None:
+                items[e_idx] = encoder
+            return tuple(items) if kind == "tuple" else items
+        values = {str(meta.return_hidden_states_key): hidden}
+        if meta.return_encoder_hidden_states_key is not None:
+            values[meta.return_encoder_hidden_states_key] = encoder
+        if kind == "dict":
+            base = dict(self.template) if isinstance(self.template, dict) else {}
+            base.update(values)
+            return base
+        if self.template is None:
+            raise BlockLayoutError(f"{self.label}: cannot build a {kind} output before one real call")
+        return dataclasses.replace(self.template, **values)
+
+    def _mismatch(self, output: Any, detail: str) -> BlockLayoutError:
+        meta = self.metadata
+        return BlockLayoutError(
+            f"{self.label} ({self.cls_name}) returned {_describe(output)}, which does not match its metadata "
+            f"(output_kind={meta.output_kind!r}, return_hidden_states_index={meta.return_hidden_states_index}, "
+            f"return_hidden_states_key={meta.return_hidden_states_key!r}) {detail}. "
+            "Run `magsdk inspect` on the transformer and use the metadata it infers."
+        )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in value)
+        return f"a {type(value).__name__} of {len(value)} ({inner})"
+    return f"a {type(value).__name__}"
