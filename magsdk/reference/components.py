@@ -37,7 +37,7 @@ def clip_tokenizer(words: list[str], max_length: int = 16) -> CLIPTokenizer:
         add(byte_char)
         add(byte_char + "</w>")
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*list(word[:-1]), word[-1] + "</w>"]
         while len(pieces) > 1:
             merges.append((pieces[0], pieces[1]))
             pieces = [pieces[0] + pieces[1], *pieces[2:]]

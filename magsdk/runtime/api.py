@@ -12,7 +12,7 @@ import torch
 from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, MagCacheConfig
 from magsdk.errors import BlockLayoutError, UsageError
 from magsdk.ratios import SkipPlan, plan
-from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
+from magsdk.registry import StrategyRegistry
 from magsdk.runtime.session import CacheSession, make_curve_provider
 from magsdk.runtime.stats import CacheStats
 from magsdk.runtime.steps import scheduler_probe
@@ -212,7 +212,8 @@ def find_block_groups(
                 taken.append(path)
     blocks: list[tuple[str, torch.nn.Module, BlockMetadata]] = []
     for path, container in containers:
-        for index, block in enumerate(container):
+        members: list[torch.nn.Module] = list(container.children())
+        for index, block in enumerate(members):
             meta = lookup.get(type(block).__name__)
             if meta is None:
                 raise BlockLayoutError(

@@ -142,7 +142,8 @@ class CacheSession:
     def _attach(self) -> None:
         self._patch(self.transformer, "forward", self._wrap_transformer(self.transformer.forward))
         if hasattr(self.transformer, "cache_context"):
-            self._patch(self.transformer, "cache_context", self._wrap_cache_context(self.transformer.cache_context))
+            original_context: Callable[..., Any] = self.transformer.cache_context  # type: ignore[assignment]
+            self._patch(self.transformer, "cache_context", self._wrap_cache_context(original_context))
         for block in self.blocks:
             self._patch(block.module, "forward", self._wrap_block(block, block.module.forward))
 
