@@ -109,3 +109,37 @@ def diffusers_mag_cache(model: torch.nn.Module, ratios: list[float], threshold: 
     apply_mag_cache(model, MagCacheConfig(mag_ratios=ratios, threshold=threshold, max_skip_steps=k,
                                           retention_ratio=retention, num_inference_steps=steps))
     yield
+
+
+class ComputeRecorder:
+    """Records, per transformer call, whether the first block really computed.
+
+    A torch forward hook on a module *inside* the head block fires only when the block's own
+    code runs, so the same probe observes magsdk and diffusers alike.
+    """
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Module) -> None:
+        self.flags: list[bool] = []
+        self._ran = False
+        inner = next(m for m in head.modules() if m is not head and not list(m.children()))
+        self._handles = [
+            inner.register_forward_hook(self._on_inner),
+            model.register_forward_pre_hook(self._on_call),
+            model.register_forward_hook(self._on_return),
+        ]
+
+    def _on_inner(self, *_: Any) -> None:
+        self._ran = True
+
+    def _on_call(self, *_: Any) -> None:
+        self._ran = False
+
+    def _on_return(self, *_: Any) -> None:
+        self.flags.append(self._ran)
+
+    def computed_steps(self, passes_per_step: int = 1, branch: int = 0) -> list[int]:
+        return [i // passes_per_step for i, ran in enumerate(self.flags) if ran and i % passes_per_step == branch]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
+from magsdk.commands import make_console
 from magsdk.config import MagCacheConfig
 from magsdk.errors import UsageError
 from magsdk.ratios import plan as make_plan
 from magsdk.registry import StrategyRegistry
 from magsdk.strategy import MagCacheStrategy
-
-console = Console()
 
 
 def _load_curves(strategy: str | None, ratios: str | None, steps: int) -> tuple[dict[str, list[float]], str]:
@@ -97,7 +95,7 @@ def plan_command(
     for branch, p in plans.items():
         table.add_row(branch, str(len(p.computed_steps)), str(len(p.skipped_steps)),
                       f"{p.ideal_speedup:.2f}x", p.schedule_string())
-    console.print(table)
+    make_console().print(table)
 
 
 def list_command() -> None:
@@ -109,7 +107,7 @@ def list_command() -> None:
         cal = ", ".join(f"{e.num_steps} steps [{'/'.join(e.branches)}]" for e in cls.calibrations) or "none"
         table.add_row(cls.__module__, name, ", ".join(cls.block_metadata), cal,
                       f"{cls.threshold}/{cls.max_skip_steps}/{cls.retention_ratio}")
-    console.print(table)
+    make_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

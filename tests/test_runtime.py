@@ -1,0 +1,258 @@
+"""Runtime behaviour beyond parity: traps 2-7 of DESIGN.md §2, handles, stats, calibration, errors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tiny_models import ComputeRecorder, denoise, flux_inputs, fresh_copy, tiny_flux
+
+import magsdk
+from magsdk.errors import BlockLayoutError, StrategyNotFoundError
+from strategies.flux import CALIBRATIONS
+
+FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+FAST = dict(threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
+
+
+@pytest.fixture(scope="module")
+def flux() -> torch.nn.Module:
+    return tiny_flux()
+
+
+def test_enable_with_registered_strategy_and_no_config(flux):
+    model = fresh_copy(flux)
+    with magsdk.enable(model) as handle:
+        assert type(handle.strategy).__name__ == "FluxStrategy"
+        denoise(model, 28)
+        assert handle.stats.computed_calls + handle.stats.skipped_calls == 28
+        assert handle.stats.skipped_calls > 0
+    assert "forward" not in model.__dict__  # disabled on exit: hooks removed
+
+
+def test_single_block_model_skips_and_is_repeatable():
+    """Trap 3: one block plays head and tail; two generations in a row give identical outputs."""
+    model = tiny_flux(layers=1, single_layers=0)
+    plain = denoise(fresh_copy(model), 28)
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
+    assert handle.blocks == ["transformer_blocks.0 (head+tail)"]
+    recorder = ComputeRecorder(model, model.transformer_blocks[0])
+    first = denoise(model, 28)
+    second = denoise(model, 28)
+    per_generation = recorder.flags[:28], recorder.flags[28:]
+    assert per_generation[0] == per_generation[1]
+    assert sum(per_generation[0]) < 28  # the block really did not run on skipped steps
+    assert handle.stats.generations() == [0, 1]
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, plain, atol=1e-5)
+
+
+def test_skipped_step_runs_no_block_and_adds_residual_once(flux):
+    """Trap 2: on a skipped step no block runs; the stack's output is x_in + residual (once)."""
+    model = fresh_copy(flux)
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
+    calls: list[str] = []
+    for name, block in [("double", model.transformer_blocks[1]), ("single", model.single_transformer_blocks[0])]:
+        inner = next(m for m in block.modules() if not list(m.children()))
+        inner.register_forward_hook(lambda *_, n=name: calls.append(n))
+    head_in: list[torch.Tensor] = []
+    tail_out: list[torch.Tensor] = []
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: head_in.append(kw["hidden_states"]), with_kwargs=True)
+    model.single_transformer_blocks[-1].register_forward_hook(lambda m, a, out: tail_out.append(out[1]))
+    denoise(model, 28)
+    skipped = handle.stats.skipped_steps()
+    assert skipped
+    assert len(calls) == 2 * (28 - len(skipped))
+    # tail output on a skipped step == head input + residual of the last computed step
+    step = skipped[0]
+    last_computed = max(s for s in handle.stats.computed_steps() if s < step)
+    residual = tail_out[last_computed] - head_in[last_computed]
+    assert torch.allclose(tail_out[step], head_in[step] + residual, atol=1e-6)
+
+
+def test_generation_that_raises_does_not_affect_the_next(flux):
+    """Trap 5: state does not survive an exception or an early stop."""
+    model = fresh_copy(flux)
+    magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
+    clean = denoise(model, 28)
+    with pytest.raises(RuntimeError, match="stopped at step 17"):
+        denoise(model, 28, raise_at=17)
+    assert torch.equal(denoise(model, 28), clean)
+
+    class Boom(Exception):
+        pass
+
+    def explode(*args, **kwargs):
+        raise Boom("inside the block stack")
+
+    single = model.single_transformer_blocks[0]
+    hooked = single.forward
+    single.forward = explode
+    with pytest.raises(Boom):
+        denoise(model, 28)
+    single.forward = hooked
+    assert torch.equal(denoise(model, 28), clean)
+
+
+def test_enable_twice_replaces_and_disable_restores(flux):
+    model = fresh_copy(flux)
+    plain = denoise(model, 28)
+    magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS))
+    second = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
+    once = fresh_copy(flux)
+    magsdk.enable(once, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
+    assert torch.equal(denoise(model, 28), denoise(once, 28))
+    assert second.stats.total_calls == 28
+    second.disable()
+    assert torch.equal(denoise(model, 28), plain)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_per_branch_curves_are_used(flux):
+    """A dict of curves gives each CFG branch its own schedule."""
+    flat = [1.0] * 28
+    model = fresh_copy(flux)
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios={"pass0": FLUX_RATIOS, "pass1": flat}, **FAST))
+    denoise(model, 28, cfg=True)
+    table = handle.stats.per_branch()
+    assert set(table) == {"pass0", "pass1"}
+    assert handle.stats.computed_steps("pass0") == magsdk.plan(FLUX_RATIOS, handle.config, 28).computed_steps
+    assert handle.stats.computed_steps("pass1") == magsdk.plan(flat, handle.config, 28).computed_steps
+    assert handle.stats.computed_steps("pass0") != handle.stats.computed_steps("pass1")
+
+
+def test_two_transformers_share_one_schedule(flux):
+    """Trap 7 (Wan 2.2): the second transformer joins mid-schedule and must know the global step."""
+    high, low = fresh_copy(flux), fresh_copy(flux)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe = types.SimpleNamespace(transformer=high, transformer_2=low, scheduler=scheduler)
+    handle = magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
+    scheduler.set_timesteps(28)
+    latents = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+    cond = flux_inputs(high)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            model = high if i < 14 else low
+            pred = model(hidden_states=latents, timestep=t.expand(1) / 1000, **cond)[0]
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    by_module = {m: [c.step for c in handle.stats.calls if c.module == m] for m in ("transformer", "transformer_2")}
+    assert by_module["transformer"] == list(range(14))
+    assert by_module["transformer_2"] == list(range(14, 28))
+    low_computed = [c.step for c in handle.stats.calls if c.module == "transformer_2" and c.computed]
+    assert low_computed[0] == 14  # no residual yet for the second transformer: it computes first
+
+
+def test_calibrate_records_every_branch_and_matches_diffusers(flux, capsys, tmp_path):
+    from diffusers.hooks import MagCacheConfig as DiffusersMagCacheConfig
+    from diffusers.hooks import apply_mag_cache
+
+    model = fresh_copy(flux)
+    with magsdk.calibrate(model) as cal:
+        denoise(model, 12)
+    result = cal.result
+    assert result is not None and list(result.branches) == ["pass0"]
+    branch = result.branches["pass0"]
+    assert len(branch.norm_ratios) == len(branch.cos_dists) == len(branch.timesteps) == 12
+    assert branch.norm_ratios[0] == 1.0 and all(r > 0 for r in branch.norm_ratios)
+    assert branch.timesteps[0] > branch.timesteps[-1]
+
+    reference = fresh_copy(flux)
+    apply_mag_cache(reference, DiffusersMagCacheConfig(calibrate=True, num_inference_steps=12))
+    capsys.readouterr()
+    denoise(reference, 12)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    theirs = [float(v) for v in printed.strip("[]").split(",")]
+    assert branch.norm_ratios == pytest.approx(theirs, abs=1e-6)
+
+    path = result.save(tmp_path / "cal.json")
+    assert magsdk.CalibrationResult.load(path) == result
+    config = magsdk.MagCacheConfig(mag_ratios=result)
+    assert config.mag_ratios == {"pass0": branch.norm_ratios}
+
+
+def test_calibrate_cfg_finds_two_branches_and_averages_generations(flux):
+    model = fresh_copy(flux)
+    with magsdk.calibrate(model) as cal:
+        denoise(model, 8, cfg=True, seed=0)
+        denoise(model, 8, cfg=True, seed=1)
+    result = cal.result
+    assert result is not None and set(result.branches) == {"pass0", "pass1"}
+    assert all(b.num_runs == 2 and len(b.norm_ratio_spread) == 8 for b in result.branches.values())
+    assert result.branches["pass0"].norm_ratios != result.branches["pass1"].norm_ratios
+
+
+def test_unknown_transformer_error_lists_strategies_and_names_inspect():
+    class MyTransformer(torch.nn.Module):
+        def forward(self, hidden_states, timestep):
+            return hidden_states
+
+    with pytest.raises(StrategyNotFoundError) as info:
+        magsdk.enable(MyTransformer())
+    message = str(info.value)
+    assert "MyTransformer" in message and "FluxTransformer2DModel" in message and "magsdk inspect" in message
+
+
+@pytest.mark.parametrize(
+    ("ratios", "needle"),
+    [([1.0, float("nan"), 1.0], "nan"), ([1.0, -0.5], "-0.5"), ([1.0], "at least 2"), ([1.0, 0.0], "0.0")],
+)
+def test_bad_ratios_are_rejected_with_the_field_and_value(ratios, needle):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        magsdk.MagCacheConfig(mag_ratios=ratios)
+    assert "mag_ratios" in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("threshold", -0.1), ("max_skip_steps", -1), ("retention_ratio", 1.0), ("num_inference_steps", 0)],
+)
+def test_bad_settings_name_the_field(field, value):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **{field: value})
+    assert field in str(info.value)
+
+
+def test_block_output_that_does_not_match_metadata_is_an_error(flux):
+    """Trap 4: never return the input unchanged while reporting success."""
+    wrong = {
+        "FluxTransformerBlock": magsdk.BlockMetadata(encoder_hidden_states_argument_name="encoder_hidden_states",
+                                                     return_hidden_states_index=1,
+                                                     return_encoder_hidden_states_index=0),
+        "FluxSingleTransformerBlock": magsdk.BlockMetadata(output_kind="tensor"),  # really a tuple
+    }
+    model = fresh_copy(flux)
+    magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS), strategy=magsdk.MagCacheStrategy(),
+                  metadata=wrong)
+    with pytest.raises(BlockLayoutError, match="does not match its metadata"):
+        denoise(model, 4)
+
+
+def test_fused_output_without_declared_layout_is_an_error():
+    """A tail that returns more tokens than the head received needs a declared fused layout."""
+    from tiny_models import tiny_flux2
+
+    from strategies.flux2_klein import Flux2KleinStrategy
+
+    metadata = dict(Flux2KleinStrategy.block_metadata)
+    metadata["Flux2SingleTransformerBlock"] = metadata["Flux2SingleTransformerBlock"].model_copy(
+        update={"fused_sequence_order": None})
+    model = tiny_flux2()
+    magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS), strategy=magsdk.MagCacheStrategy(),
+                  metadata=metadata)
+    with pytest.raises(BlockLayoutError, match="fused"):
+        denoise(model, 4)
+
+
+def test_wrong_hidden_argument_name_is_an_error(flux):
+    wrong = {name: magsdk.BlockMetadata(hidden_states_argument_name="x")
+             for name in ("FluxTransformerBlock", "FluxSingleTransformerBlock")}
+    with pytest.raises(BlockLayoutError, match="no argument named 'x'"):
+        magsdk.enable(fresh_copy(flux), magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS),
+                      strategy=magsdk.MagCacheStrategy(), metadata=wrong)
