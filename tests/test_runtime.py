@@ -256,3 +256,39 @@ def test_wrong_hidden_argument_name_is_an_error(flux):
     with pytest.raises(BlockLayoutError, match="no argument named 'x'"):
         magsdk.enable(fresh_copy(flux), magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS),
                       strategy=magsdk.MagCacheStrategy(), metadata=wrong)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    from magsdk.reference.components import build_pipeline
+
+    return build_pipeline(seed=0)
+
+
+def generate(pipe, steps, seed=0, **kwargs):
+    return pipe("a handwritten digit seven", height=32, width=32, num_inference_steps=steps, guidance_scale=1.0,
+                max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(seed),
+                **kwargs).images
+
+
+def test_real_pipeline_true_cfg_uses_context_names_and_resamples_per_run(pipeline):
+    with magsdk.enable(pipeline, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST)) as handle:
+        for steps in (28, 14):
+            generate(pipeline, steps, negative_prompt="blurry", true_cfg_scale=2.0)
+            assert handle.stats.branches() == ["cond", "uncond"]
+            for branch in ("cond", "uncond"):
+                assert handle.stats.computed_steps(branch) == handle.plan(steps).computed_steps
+        assert handle.stats.generations() == [0, 1]
+    assert handle.stats.total_calls == 2 * (28 + 14)
+
+
+def test_calibrate_through_a_pipeline_averages_seeds(pipeline):
+    with magsdk.calibrate(pipeline) as cal:
+        for seed in range(3):
+            generate(pipeline, 6, seed=seed)
+    result = cal.result
+    assert result is not None and list(result.branches) == ["cond"]  # FluxPipeline names its context
+    assert result.scheduler == "FlowMatchEulerDiscreteScheduler"
+    branch = result.branches["cond"]
+    assert branch.num_runs == 3 and len(branch.norm_ratios) == 6
+    assert max(branch.norm_ratio_spread) > 0  # three different seeds: a real spread

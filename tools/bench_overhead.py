@@ -25,8 +25,8 @@ from diffusers.hooks import apply_mag_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import magsdk  # noqa: E402
-from strategies.flux import CALIBRATIONS  # noqa: E402
+import magsdk
+from strategies.flux import CALIBRATIONS
 
 FLUX_RATIOS: list[float] = CALIBRATIONS[0]["branches"]["default"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from types import TracebackType
@@ -44,6 +45,7 @@ class MagCacheHandle:
         self.strategy = strategy
         self._restore = restore
         self.active = True
+        self.scheduler: Any = None
 
     @property
     def blocks(self) -> list[str]:
@@ -106,6 +108,8 @@ class CalibrationHandle(MagCacheHandle):
             for name, branch in extra.branches.items():
                 result.branches[f"{session.name}:{name}"] = branch
         result.num_steps = max(len(b.norm_ratios) for b in result.branches.values())
+        if self.scheduler is not None:
+            result.scheduler = type(self.scheduler).__name__
         return result
 
 
@@ -282,6 +286,7 @@ def _attach(
         restore.append((scheduler, "set_timesteps", scheduler.__dict__.get("set_timesteps", _ABSENT)))
         scheduler.set_timesteps = _new_generation_on(scheduler.set_timesteps, sessions)
     handle = handle_cls(sessions, stats, resolved_config, strategy, restore)
+    handle.scheduler = scheduler
     for session in sessions:
         session.transformer.__dict__[_SESSION_ATTR] = handle
     logger.info("magsdk: MagCache on %s", ", ".join(handle.blocks[:1] + handle.blocks[-1:]))
@@ -291,6 +296,7 @@ def _attach(
 def _new_generation_on(set_timesteps: Any, sessions: list[CacheSession]) -> Any:
     """A pipeline that sets new timesteps is starting a generation: say so to every session."""
 
+    @functools.wraps(set_timesteps)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         for session in sessions:
             session.reset()

@@ -9,6 +9,7 @@ so no block runs and the residual is added exactly once (trap 2).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -156,8 +157,13 @@ class CacheSession:
         self._saved.clear()
         self.reset()
 
-    def reset(self) -> None:
-        """Forget all per-generation state: the next call starts a new generation."""
+    def reset(self, discard: bool = False) -> None:
+        """Forget all per-generation state: the next call starts a new generation.
+
+        A finished generation's calibration is kept unless ``discard`` (an exception cut it short).
+        """
+        if not discard:
+            self._finish_calibration_run()
         self.branches.clear()
         self.active = None
         self.tracker.begin_generation()
@@ -167,6 +173,7 @@ class CacheSession:
         session = self
 
         @contextlib.contextmanager
+        @functools.wraps(original)
         def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
             previous, session.context_name = session.context_name, name
             try:
@@ -180,6 +187,7 @@ class CacheSession:
     def _wrap_transformer(self, original: Callable[..., Any]) -> Callable[..., Any]:
         session = self
 
+        @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
             timestep = session._read_timestep(args, kwargs)
             call = session._begin_call(timestep)
@@ -187,7 +195,7 @@ class CacheSession:
             try:
                 output = original(*args, **kwargs)
             except BaseException:
-                session.reset()  # trap 5: an exception must not leak state into the next generation
+                session.reset(discard=True)  # trap 5: no state leaks into the next generation
                 raise
             finally:
                 session.active = None
@@ -248,6 +256,7 @@ class CacheSession:
 
         if block.role == "middle":
 
+            @functools.wraps(original)
             def middle_forward(*args: Any, **kwargs: Any) -> Any:
                 call = session.active
                 if call is None or not call.skip:
@@ -260,6 +269,7 @@ class CacheSession:
 
             return middle_forward
 
+        @functools.wraps(original)
         def edge_forward(*args: Any, **kwargs: Any) -> Any:
             call = session.active
             if call is None:
@@ -298,6 +308,8 @@ class CacheSession:
         run = {name: s.recorder for name, s in self.branches.items() if s.recorder and s.recorder.norm_ratios}
         if run:
             self.calibration_runs.append(run)
+        for state in self.branches.values():
+            state.recorder = None  # recorded once, even if reset and a new generation both close it
 
     def calibration_result(self) -> CalibrationResult:
         """Mean curve per branch over the generations seen, with the spread across them."""
