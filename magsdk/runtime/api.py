@@ -14,7 +14,7 @@ from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, Ma
 from magsdk.errors import BlockLayoutError, UsageError
 from magsdk.ratios import SkipPlan, plan
 from magsdk.registry import StrategyRegistry
-from magsdk.runtime.session import CacheSession, make_curve_provider
+from magsdk.runtime.session import CacheSession, CurveProvider, make_curve_provider
 from magsdk.runtime.stats import CacheStats
 from magsdk.runtime.steps import scheduler_probe
 from magsdk.strategy import MagCacheStrategy
@@ -54,10 +54,10 @@ class MagCacheHandle:
 
     def plan(self, num_steps: int, branch: str = "default") -> SkipPlan:
         """The schedule this handle will follow for a ``num_steps`` run of ``branch``."""
-        session = self.sessions[0]
-        if session.curves is None:
+        curves = self.sessions[0].curves if self.sessions else _curves_of(self.config)
+        if curves is None:
             raise UsageError("a calibration handle does not skip; it has no plan")
-        curve = session.curves(branch, 0, num_steps)
+        curve = curves(branch, 0, num_steps)
         return plan(curve, self.config, num_steps)
 
     def reset(self) -> None:
@@ -70,12 +70,7 @@ class MagCacheHandle:
         for session in self.sessions:
             session.detach()
             session.transformer.__dict__.pop(_SESSION_ATTR, None)
-        for obj, attr, previous in reversed(self._restore):
-            if previous is _ABSENT:
-                obj.__dict__.pop(attr, None)
-            else:
-                setattr(obj, attr, previous)
-        self._restore.clear()
+        _undo(self._restore)
         self.active = False
 
     def __enter__(self) -> MagCacheHandle:
@@ -102,6 +97,8 @@ class CalibrationHandle(MagCacheHandle):
             self.disable()
 
     def collect(self) -> CalibrationResult:
+        if not self.sessions:  # a traced transformer gets its session at its first call: there was none
+            raise BlockLayoutError("calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`")
         results = [s.calibration_result() for s in self.sessions]
         result = results[0]
         for extra, session in zip(results[1:], self.sessions[1:], strict=True):
@@ -180,6 +177,7 @@ def _metadata_lookup(strategy: MagCacheStrategy, metadata: MetadataSource | None
     lookup = dict(strategy.block_metadata)
     if isinstance(metadata, InspectionReport):
         lookup.update(metadata.metadata_by_class())
+        lookup.update({group.path: group.metadata for group in metadata.block_groups})
     elif metadata is not None:
         lookup.update(metadata)
     return lookup
@@ -192,7 +190,8 @@ def find_block_groups(
 
     ``paths`` (from a strategy or an inspection report) fixes the groups and their order;
     otherwise every ModuleList / Sequential whose members all have metadata is a group, in
-    registration order.
+    registration order. ``lookup`` is keyed by block class name or by group path (the path wins,
+    for a block class used with two conventions).
     """
     containers: list[tuple[str, torch.nn.Module]] = []
     if paths:
@@ -218,7 +217,7 @@ def find_block_groups(
     for path, container in containers:
         members: list[torch.nn.Module] = list(container.children())
         for index, block in enumerate(members):
-            meta = lookup.get(type(block).__name__)
+            meta = lookup.get(path) or lookup.get(type(block).__name__)  # per group first, then per class
             if meta is None:
                 raise BlockLayoutError(
                     f"block {path}.{index} is a {type(block).__name__}, for which no metadata is known "
@@ -246,6 +245,7 @@ def _attach(
     scheduler = scheduler if scheduler is not None else pipe_scheduler
     stats = CacheStats()
     sessions: list[CacheSession] = []
+    restore: list[tuple[Any, str, Any]] = []
     strategy: MagCacheStrategy | None = None
     resolved_config: MagCacheConfig | None = None
     try:
@@ -253,44 +253,89 @@ def _attach(
             previous = transformer.__dict__.get(_SESSION_ATTR)
             if previous is not None:
                 previous.disable()
-            strategy = _resolve_strategy(transformer, strategy_source, metadata)
-            if config is None:
-                resolved_config = strategy.default_config()
-                tables = [(e.num_steps, e.branches) for e in strategy.calibrations]
-            else:
-                resolved_config = config
-                ratios = config.mag_ratios
-                tables = [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
-            paths: tuple[str, ...] = strategy.block_groups
-            if isinstance(metadata, InspectionReport):
-                paths = tuple(group.path for group in metadata.block_groups)
-            blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
-            session = CacheSession(
-                transformer,
-                blocks,
-                resolved_config,
-                make_curve_provider(tables) if tables else None,
-                strategy,
-                stats,
-                name=name,
-                probe=scheduler_probe(scheduler) if scheduler is not None else None,
-            )
+            meta = metadata
+            if strategy_source is None and meta is None and config is not None and (
+                StrategyRegistry.get(type(transformer).__name__) is None
+            ):
+                # No strategy and no metadata: infer the block conventions from the first real call.
+                from magsdk.runtime import autotrace
+
+                meta = autotrace.known_report(transformer)
+                if meta is None:
+                    strategy, resolved_config = MagCacheStrategy(), config
+                    factory = functools.partial(
+                        _new_session, transformer, name, strategy, config, stats=stats, scheduler=scheduler
+                    )
+                    autotrace.trace_first_call(transformer, factory, sessions, restore, _ABSENT)
+                    continue
+            strategy = _resolve_strategy(transformer, strategy_source, meta)
+            session = _new_session(transformer, name, strategy, config, meta, stats=stats, scheduler=scheduler)
+            resolved_config = session.config
             sessions.append(session)
     except BaseException:
         for session in sessions:
             session.detach()
+        _undo(restore)
         raise
     assert strategy is not None and resolved_config is not None
-    restore: list[tuple[Any, str, Any]] = []
     if scheduler is not None and hasattr(scheduler, "set_timesteps"):
         restore.append((scheduler, "set_timesteps", scheduler.__dict__.get("set_timesteps", _ABSENT)))
         scheduler.set_timesteps = _new_generation_on(scheduler.set_timesteps, sessions)
     handle = handle_cls(sessions, stats, resolved_config, strategy, restore)
     handle.scheduler = scheduler
-    for session in sessions:
-        session.transformer.__dict__[_SESSION_ATTR] = handle
+    for _, transformer in transformers:
+        transformer.__dict__[_SESSION_ATTR] = handle
+        restore.append((transformer, _SESSION_ATTR, _ABSENT))
     logger.info("magsdk: MagCache on %s", ", ".join(handle.blocks[:1] + handle.blocks[-1:]))
     return handle
+
+
+def _new_session(
+    transformer: torch.nn.Module,
+    name: str,
+    strategy: MagCacheStrategy,
+    config: MagCacheConfig | None,
+    metadata: MetadataSource | None,
+    *,
+    stats: CacheStats,
+    scheduler: Any,
+) -> CacheSession:
+    if config is None:
+        resolved_config = strategy.default_config()
+        tables = [(e.num_steps, e.branches) for e in strategy.calibrations]
+    else:
+        resolved_config = config
+        ratios = config.mag_ratios
+        tables = [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
+    paths: tuple[str, ...] = strategy.block_groups
+    if isinstance(metadata, InspectionReport):
+        paths = tuple(group.path for group in metadata.block_groups)
+    blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
+    return CacheSession(
+        transformer,
+        blocks,
+        resolved_config,
+        make_curve_provider(tables) if tables else None,
+        strategy,
+        stats,
+        name=name,
+        probe=scheduler_probe(scheduler) if scheduler is not None else None,
+    )
+
+
+def _curves_of(config: MagCacheConfig) -> CurveProvider | None:
+    ratios = config.mag_ratios
+    return make_curve_provider([(max(len(c) for c in ratios.values()), ratios)]) if ratios else None
+
+
+def _undo(restore: list[tuple[Any, str, Any]]) -> None:
+    """Put back every patched attribute, last patched first."""
+    for obj, attr, previous in reversed(restore):
+        if previous is _ABSENT:
+            obj.__dict__.pop(attr, None)
+        else:
+            setattr(obj, attr, previous)
+    restore.clear()
 
 
 def _new_generation_on(set_timesteps: Any, sessions: list[CacheSession]) -> Any:

@@ -1,0 +1,120 @@
+"""``magsdk inspect TARGET``: the block conventions of a transformer, inferred by tracing one forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from magsdk.config import BlockMetadata, InspectionReport
+from magsdk.errors import UsageError
+
+console = Console()
+if not console.is_terminal:  # piped or captured: no terminal width to respect, keep rows on one line
+    console = Console(width=160)
+
+
+def _parse_config(raw: str | None) -> dict[str, Any] | None:
+    """``--config``: a JSON object, or the path of a JSON file holding one."""
+    if raw is None:
+        return None
+    text = raw
+    path = Path(raw)
+    if not raw.lstrip().startswith("{") and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"--config is not valid JSON ({exc}); give a JSON object such as "
+            "'{\"num_layers\": 19, \"in_channels\": 64}' or the path of a JSON file"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--config must be a JSON object of constructor arguments, got {type(data).__name__}")
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def _where(kind: str, index: int | None, key: str | None) -> str:
+    if key is not None:
+        return f"[{key!r}]"
+    if index is None:
+        return "-"
+    return "tensor" if kind == "tensor" else f"[{index}]"
+
+
+def _metadata_cells(m: BlockMetadata) -> tuple[str, str, str]:
+    out_hidden = _where(m.output_kind, m.return_hidden_states_index, m.return_hidden_states_key)
+    hidden = f"{m.hidden_states_argument_name} → {out_hidden}"
+    if m.encoder_hidden_states_argument_name is None:
+        encoder = "-"
+    else:
+        out = _where(m.output_kind, m.return_encoder_hidden_states_index, m.return_encoder_hidden_states_key)
+        encoder = f"{m.encoder_hidden_states_argument_name} → {out if m.output_kind != 'tensor' else '-'}"
+    fused: str = m.fused_sequence_order or "-"
+    if m.fuses_inputs:
+        fused += " (fuses inputs)"
+    return hidden, encoder, fused
+
+
+def print_report(report: InspectionReport) -> None:
+    title = f"{report.transformer}: {sum(g.count for g in report.block_groups)} cached blocks"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("group, in execution order", "hidden: argument → output", "encoder: argument → output",
+                   "output", "fused text+image"):
+        table.add_column(column, overflow="fold")
+    for group in report.block_groups:
+        hidden, encoder, fused = _metadata_cells(group.metadata)
+        table.add_row(f"{group.path}\n  {group.count} × {group.block_class}", hidden, encoder,
+                      group.metadata.output_kind, fused)
+    console.print(table)
+    console.print(f"head block: [bold]{report.head}[/]   tail block: [bold]{report.tail}[/]   "
+                  f"timestep argument: {report.timestep_argument_name or '-'}", highlight=False)
+    if report.shrunk:
+        shrunk = ", ".join(f"{k} {v[0]}→{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else f"{k}={v}"
+                           for k, v in report.shrunk.items())
+        console.print(f"built small: {shrunk}", highlight=False, soft_wrap=True)
+    seconds = f" in {report.seconds:.2f} s" if report.seconds is not None else ""
+    console.print(f"traced one forward with {report.inputs} inputs{seconds}", highlight=False)
+    if report.warnings:
+        console.print("[bold yellow]warnings[/] (read them before caching):")
+        for warning in report.warnings:
+            console.print(f"  • {warning}", highlight=False, soft_wrap=True)
+    else:
+        console.print("[green]no warnings[/]: the block stack can be cached with head/tail hooks")
+
+
+def inspect_command(
+    target: str = typer.Argument(
+        ...,
+        help="Diffusers class name, pkg.module:Class, path/file.py:Class, a model or pipeline folder, or a Hub id.",
+    ),
+    config: str | None = typer.Option(
+        None, "--config", help="JSON object (or JSON file) of constructor arguments; overrides the folder's config."
+    ),
+    inputs: str | None = typer.Option(
+        None, "--inputs", help="FILE.py:FUNC returning (args, kwargs) for forward; FUNC may take the built model."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the InspectionReport as JSON."),
+    out: str | None = typer.Option(None, "--out", help="Write the InspectionReport JSON to this file."),
+) -> None:
+    """Infer the block conventions of a transformer by tracing one forward of a small build of it."""
+    from magsdk.inspect import inspect_target
+
+    report = inspect_target(target, config=_parse_config(config), inputs=inputs)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        print_report(report)
+    if out is not None:
+        report.save(Path(out))
+        if not as_json:
+            console.print(f"wrote {out}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_command)

@@ -1,0 +1,179 @@
+"""``inspect_target`` (TARGET string → report) and ``inspect_module`` (built module + inputs → report).
+
+``inspect_target`` resolves the target (``targets.py``), builds it small (``shrink.py``), makes
+example inputs (``inputs.py``, or the user's ``--inputs`` function), then does what
+``inspect_module`` does: one traced forward (``trace.py``) and the inference (``infer.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from magsdk.config import InspectionReport
+from magsdk.errors import MagSDKError, UsageError
+from magsdk.inspect.infer import infer_metadata
+from magsdk.inspect.targets import ResolvedTarget, load_file_module, resolve_target
+from magsdk.inspect.trace import (
+    describe,
+    find_block_containers,
+    forward_signature,
+    no_blocks_message,
+    trace_forward,
+)
+
+
+class ForwardFailedError(MagSDKError):
+    """The transformer's forward raised with the inputs inspect used (exit code 1)."""
+
+
+def inputs_example(model: torch.nn.Module) -> str:
+    """A ready-to-edit ``--inputs`` function for this model's forward signature."""
+    signature = forward_signature(model)
+    names = [p for p in (list(signature.parameters)[1:] if signature else []) if p not in ("args", "kwargs")]
+    required = []
+    if signature is not None:
+        for name in names:
+            param = signature.parameters[name]
+            if param.default is inspect.Parameter.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                required.append(name)
+    tensors = [
+        n for n in names
+        if signature is not None and "Tensor" in str(signature.parameters[n].annotation) and n not in required
+    ]
+    shown = (required + tensors)[:10] or names[:3]
+    body = "\n".join(f'        "{n}": ...,  # what {type(model).__name__}.forward takes as {n}' for n in shown)
+    return (
+        "# my_inputs.py — run as: magsdk inspect TARGET --inputs my_inputs.py:make_inputs\n"
+        "import torch\n\n"
+        "def make_inputs(model):  # receives the small model inspect built; use model.config for sizes\n"
+        "    args = ()\n"
+        "    kwargs = {\n"
+        f"{body}\n"
+        "    }\n"
+        "    return args, kwargs\n"
+    )
+
+
+def inspect_module(
+    model: torch.nn.Module,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    inputs: str = "user",
+) -> InspectionReport:
+    """Trace one forward of an already-built module with the given inputs and infer its conventions.
+
+    ``inputs`` only labels the report (``"user"`` or ``"synthesized"``) and the error message.
+    Raises ``UsageError`` when the model has no list of repeated blocks, ``ForwardFailedError``
+    when the forward raises, ``BlockLayoutError`` when no block group carries a hidden state.
+    """
+    start = time.perf_counter()
+    call_args, call_kwargs = tuple(args), dict(kwargs or {})
+    try:
+        trace, _ = trace_forward(model, call_args, call_kwargs)
+    except MagSDKError:
+        raise
+    except Exception as exc:
+        shown = ", ".join([describe(a) for a in call_args] + [f"{k}={describe(v)}" for k, v in call_kwargs.items()])
+        raise ForwardFailedError(
+            f"{type(model).__name__}.forward raised {type(exc).__name__}: {exc}\n"
+            f"with the {inputs} inputs ({shown}).\n"
+            "Give inspect inputs that work: write a function that returns (args, kwargs) for forward and pass "
+            "it with --inputs FILE.py:FUNC, for example:\n\n" + inputs_example(model)
+        ) from exc
+    report = infer_metadata(trace)
+    return report.model_copy(update={"inputs": inputs, "seconds": round(time.perf_counter() - start, 3)})
+
+
+def load_inputs_function(spec: str, model: torch.nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Call the ``--inputs FILE.py:FUNC`` (or ``pkg.module:FUNC``) function and check what it returns.
+
+    The function is called as ``FUNC(model)`` when it takes a parameter (the small model inspect
+    built, so that sizes can come from ``model.config``), else as ``FUNC()``. It returns
+    ``(args, kwargs)`` — a tuple/list and a dict — or just a dict of keyword arguments.
+    """
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise UsageError(f"--inputs {spec!r}: expected FILE.py:FUNC (a function returning (args, kwargs))")
+    if where.endswith(".py"):
+        module = load_file_module(Path(where), f"--inputs {spec}")
+    else:
+        import importlib
+
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise UsageError(f"--inputs {spec!r}: cannot import {where!r}: {type(exc).__name__}: {exc}") from exc
+    func = getattr(module, name, None)
+    if not callable(func):
+        raise UsageError(f"--inputs {spec!r}: {where} has no function {name!r}")
+    try:
+        takes_model = any(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+            for p in inspect.signature(func).parameters.values()
+        )
+    except (TypeError, ValueError):
+        takes_model = False
+    try:
+        result = func(model) if takes_model else func()
+    except Exception as exc:
+        raise UsageError(f"--inputs {spec!r}: {name}() raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(result, Mapping):
+        return (), dict(result)
+    if (
+        isinstance(result, (tuple, list))
+        and len(result) == 2
+        and isinstance(result[0], (tuple, list))
+        and isinstance(result[1], Mapping)
+    ):
+        return tuple(result[0]), dict(result[1])
+    raise UsageError(
+        f"--inputs {spec!r}: {name}() returned {describe(result)}; it must return (args, kwargs) — a tuple of "
+        "positional arguments and a dict of keyword arguments for the transformer's forward"
+    )
+
+
+def inspect_target(
+    target: str | type[torch.nn.Module],
+    *,
+    config: Mapping[str, Any] | None = None,
+    inputs: str | None = None,
+) -> InspectionReport:
+    """Inspect a transformer named by TARGET without its weights: build it small, trace one forward, infer.
+
+    ``config`` overrides (or, for a bare class, replaces) the constructor arguments found with
+    the target; ``inputs`` is ``FILE.py:FUNC`` (see :func:`load_inputs_function`); without it
+    inputs are synthesized from the forward signature and the config.
+    """
+    start = time.perf_counter()
+    if isinstance(target, str):
+        resolved = resolve_target(target)
+    elif isinstance(target, type) and issubclass(target, torch.nn.Module):
+        resolved = ResolvedTarget(target, None, "class", target.__name__)
+    else:
+        raise UsageError(f"inspect_target needs a TARGET string or an nn.Module class, got {describe(target)}")
+    merged = dict(resolved.config or {})
+    merged.update(config or {})
+    from magsdk.inspect.shrink import build_small
+
+    model, shrunk = build_small(resolved.cls, merged or None)
+    if not find_block_containers(model):  # say so before inputs are made for a forward that cannot help
+        raise UsageError(no_blocks_message(model))
+    if inputs is not None:
+        args, kwargs = load_inputs_function(inputs, model)
+        label = "user"
+    else:
+        from magsdk.inspect.inputs import synthesize_inputs
+
+        args, kwargs = synthesize_inputs(model)
+        label = "synthesized"
+    report = inspect_module(model, args, kwargs, inputs=label)
+    return report.model_copy(
+        update={"shrunk": dict(shrunk), "seconds": round(time.perf_counter() - start, 3)}
+    )

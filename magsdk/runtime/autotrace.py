@@ -1,0 +1,192 @@
+"""Enable MagCache on a transformer nobody described: infer its block conventions from its first call.
+
+``magsdk.enable(model, config)`` with neither a strategy nor metadata, for a transformer class
+with no registered strategy, lands here. The transformer's ``forward`` is wrapped so that its
+first real call (the user's own inputs: no synthesis, no second forward) runs with every block
+recorded (``magsdk.inspect.trace``, keeping only the tensors the cache needs), the conventions
+are inferred (``magsdk.inspect.infer``), logged and remembered per class, and then the normal
+``CacheSession`` is attached. That first call computes (it cannot skip: nothing is cached yet),
+and it is replayed into the session's bookkeeping so that it counts in the statistics, the
+step tracking, the residual and a calibration like any other computed call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from magsdk.config import InspectionReport
+from magsdk.errors import BlockLayoutError
+from magsdk.inspect.infer import infer_metadata, summary
+from magsdk.inspect.trace import BlockCall, Trace, find_block_containers, make_trace, tracing
+from magsdk.runtime.session import CacheSession, HookedBlock
+from magsdk.runtime.stats import CallRecord
+
+logger = logging.getLogger("magsdk")
+
+#: What the first call of each transformer class showed (class → report); reused by later enables.
+_REPORTS: dict[type, InspectionReport] = {}
+
+SessionFactory = Callable[[InspectionReport], CacheSession]
+
+
+def known_report(transformer: torch.nn.Module) -> InspectionReport | None:
+    """The conventions already inferred for this transformer's class in this process, if any."""
+    return _REPORTS.get(type(transformer))
+
+
+def forget(cls: type | None = None) -> None:
+    """Drop remembered reports (one class, or all): the next enable traces again."""
+    if cls is None:
+        _REPORTS.clear()
+    else:
+        _REPORTS.pop(cls, None)
+
+
+def trace_first_call(
+    transformer: torch.nn.Module,
+    make_session: SessionFactory,
+    sessions: list[CacheSession],
+    restore: list[tuple[Any, str, Any]],
+    absent: object,
+) -> None:
+    """Wrap ``transformer.forward`` so that its first call infers the metadata and attaches a session.
+
+    ``sessions`` and ``restore`` are the handle's own lists: the new session is appended to the
+    first, and the patches made here are recorded in the second (``absent`` marking an attribute
+    the instance did not have) so that ``disable()`` removes them even if no call ever came.
+    """
+    if not find_block_containers(transformer):
+        raise BlockLayoutError(
+            f"{type(transformer).__name__} has no strategy and holds no list of repeated blocks (nn.ModuleList / "
+            "nn.Sequential of one block class) to trace; pass metadata= or a strategy= to magsdk.enable()"
+        )
+    _FirstCall(transformer, make_session, sessions, restore, absent)
+
+
+class _FirstCall:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        make_session: SessionFactory,
+        sessions: list[CacheSession],
+        restore: list[tuple[Any, str, Any]],
+        absent: object,
+    ) -> None:
+        self.transformer = transformer
+        self.absent = absent
+        self.make_session = make_session
+        self.sessions = sessions
+        self.context_name: str | None = None
+        self._saved: list[tuple[str, Any]] = []
+        self._original_forward: Callable[..., Any] = transformer.forward
+        self._patch("forward", self._wrap_forward(transformer.forward), restore)
+        context = getattr(transformer, "cache_context", None)
+        if callable(context):
+            self._patch("cache_context", self._wrap_cache_context(context), restore)
+
+    def _patch(self, attr: str, value: Any, restore: list[tuple[Any, str, Any]]) -> None:
+        previous = self.transformer.__dict__.get(attr, self.absent)
+        self._saved.append((attr, previous))
+        restore.append((self.transformer, attr, previous))
+        setattr(self.transformer, attr, value)
+
+    def _unpatch(self) -> None:
+        for attr, previous in reversed(self._saved):
+            if previous is self.absent:
+                self.transformer.__dict__.pop(attr, None)
+            else:
+                setattr(self.transformer, attr, previous)
+        self._saved.clear()
+
+    def _wrap_cache_context(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        first = self
+
+        @contextlib.contextmanager
+        @functools.wraps(original)
+        def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+            previous, first.context_name = first.context_name, name
+            try:
+                with original(name, *args, **kwargs):
+                    yield
+            finally:
+                first.context_name = previous
+
+        return cache_context
+
+    def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        first = self
+
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return first.run(original, args, kwargs)
+
+        return forward
+
+    def run(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        transformer = self.transformer
+        containers = find_block_containers(transformer)
+        with tracing(transformer, containers, keep="edges", inputs=(args, kwargs)) as tracer:
+            output = original(*args, **kwargs)
+        trace = make_trace(transformer, containers, tracer.calls, args, kwargs, output)
+        report = infer_metadata(trace).model_copy(update={"inputs": "user"})
+        name = type(transformer).__name__
+        _REPORTS[type(transformer)] = report
+        logger.info("magsdk: %s has no strategy; conventions inferred from its first call: %s (head %s, tail %s)",
+                    name, summary(report), report.head, report.tail)
+        for warning in report.warnings:
+            logger.warning("magsdk: %s: %s", name, warning)
+        self._unpatch()
+        session = self.make_session(report)
+        self.sessions.append(session)
+        _replay(session, trace, args, kwargs, self.context_name)
+        return output
+
+
+def _calls_of(trace: Trace, path: str) -> list[BlockCall]:
+    return [c for c in trace.calls if c.path == path]
+
+
+def _replay(
+    session: CacheSession, trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any], context: str | None
+) -> None:
+    """Book the traced (computed) call into the session as if its hooks had seen it."""
+    head, tail = session.blocks[0], session.blocks[-1]
+    head_calls, tail_calls = _calls_of(trace, head.path), _calls_of(trace, tail.path)
+    if not head_calls or not tail_calls or head_calls[0].values is None:
+        raise BlockLayoutError(
+            f"{session.name}: the traced call did not run {head.path} and {tail.path} as first and last blocks"
+        )
+    previous_context, session.context_name = session.context_name, context
+    try:
+        call = session._begin_call(session._read_timestep(args, kwargs))
+    finally:
+        session.context_name = previous_context
+    call.skip = False
+    _set_template(head, head_calls[0])
+    _set_template(tail, tail_calls[-1])
+    call.head_input = head.io.read_hidden((), head_calls[0].values)
+    session._store_residual(call, tail.io, tail_calls[-1].output)
+    position = call.position
+    session.stats.record(
+        CallRecord(
+            generation=position.generation,
+            branch=position.branch,
+            step=position.step,
+            timestep=call.timestep,
+            computed=True,
+            module=session.name,
+        )
+    )
+
+
+def _set_template(block: HookedBlock, call: BlockCall) -> None:
+    if call.output is None:
+        return
+    block.io.verify(call.output)
+    block.io.template = call.output
