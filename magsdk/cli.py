@@ -36,9 +36,9 @@ def _root(
 
 def _register_commands() -> None:
     # One import per command module; each defines `register(app)`.
-    from magsdk.commands import plan
+    from magsdk.commands import inspect, plan, scaffold
 
-    for module in (plan,):
+    for module in (inspect, plan, scaffold):
         module.register(app)
 
 

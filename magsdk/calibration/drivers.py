@@ -1,0 +1,419 @@
+"""Calibration drivers: what runs generations inside ``magsdk.calibrate`` for a model.
+
+Three ways to run a model, chosen by what the user has:
+
+- a diffusers pipeline (a folder with ``model_index.json`` or a hub id): called with calibration
+  prompts × seeds; CFG passes and ``cache_context`` names become branches by themselves;
+- ``--driver FILE.py:FUNC``: the user's own ``FUNC(transformer, steps, seed) -> None``;
+- a bare transformer class (or transformer folder): a plain flow-matching Euler loop over
+  synthesized inputs. Its curve describes synthesized inputs (and, for a class, random weights)
+  only, so the entry is marked ``synthetic``.
+
+``magsdk.calibrate`` averages the generations and keeps the spread across them; this module
+turns that into the ``CalibrationEntry`` a strategy module stores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import magsdk
+from magsdk.config import CalibrationEntry, CalibrationResult
+from magsdk.errors import MagSDKError, UsageError
+from magsdk.strategy import MagCacheStrategy
+
+logger = logging.getLogger("magsdk")
+
+#: Prompts used when none are given (the bundled reference pipeline draws handwritten digits).
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a handwritten digit zero",
+    "a handwritten digit three",
+    "a handwritten digit seven",
+    "a handwritten digit nine",
+)
+#: Image side used when --height / --width are not given: small, so calibration is cheap on a CPU.
+DEFAULT_SIZE = 32
+
+DriverFn = Callable[[torch.nn.Module, int, int], None]
+"""``(transformer, steps, seed) -> None``: run one generation of ``steps`` steps with ``seed``."""
+
+
+class CalibrationRunError(MagSDKError):
+    """A generation failed during calibration; nothing was written."""
+
+
+# -- inputs the user gives ------------------------------------------------------------------------
+def read_prompts(path: Path) -> list[str]:
+    """One prompt a line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--prompts {path}: cannot read the file ({exc.strerror or exc})") from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts {path} holds no prompt; write one prompt a line (lines with # are comments)")
+    return prompts
+
+
+def load_driver(spec: str) -> DriverFn:
+    """Import ``FUNC`` from ``FILE.py`` (``FILE.py:FUNC``) and check it takes (transformer, steps, seed)."""
+    file_part, sep, func_name = spec.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not func_name.isidentifier():
+        raise UsageError(f"--driver {spec!r}: expected FILE.py:FUNC, e.g. --driver my_loop.py:generate")
+    path = Path(file_part)
+    if not path.is_file():
+        raise UsageError(f"--driver {spec!r}: file {path} does not exist")
+    module_name = f"_magsdk_driver_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UsageError(f"--driver {spec!r}: {path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"--driver {spec!r}: importing {path} raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.modules.pop(module_name, None)
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UsageError(f"--driver {spec!r}: {path} has no function {func_name!r}")
+    try:
+        inspect.signature(func).bind(None, 0, 0)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(
+            f"--driver {spec!r}: {func_name} must accept (transformer, steps, seed) and run one generation; "
+            f"its signature is {func_name}{inspect.signature(func)}"
+        ) from exc
+    driver: DriverFn = func
+    return driver
+
+
+# -- loading the model ----------------------------------------------------------------------------
+def is_pipeline_target(target: str) -> bool:
+    """A folder with ``model_index.json``, or something shaped like a hub id (``org/name``)."""
+    path = Path(target)
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    if path.exists() or target.endswith(".py") or ":" in target:
+        return False
+    parts = target.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def check_pipeline_folder(target: str) -> None:
+    """Fail early, before anything loads, when a pipeline folder has no transformer."""
+    index = Path(target) / "model_index.json"
+    if not index.is_file():
+        return
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{index} is not valid JSON ({exc}); is this a diffusers pipeline folder?") from exc
+    names = [k for k, v in components.items() if not k.startswith("_") and isinstance(v, list)]
+    transformers = [n for n in names if n.startswith("transformer") and components[n][0] is not None]
+    if not transformers:
+        raise UsageError(
+            f"the pipeline in {target} has no transformer (its components: {', '.join(names) or 'none'}); "
+            "magsdk caches diffusion transformers. Point --model at a pipeline with a `transformer` component "
+            "or at a transformer folder."
+        )
+
+
+def load_pipeline(target: str) -> Any:
+    """``DiffusionPipeline.from_pretrained``, on the GPU when there is one; a clear error when offline."""
+    from diffusers import DiffusionPipeline
+
+    check_pipeline_folder(target)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(target)
+    except Exception as exc:
+        local = Path(target).is_dir()
+        hint = (
+            "check that the folder was written by `save_pretrained`"
+            if local
+            else "if this machine is offline, download the model and pass its local folder"
+        )
+        raise MagSDKError(f"could not load the pipeline {target!r}: {type(exc).__name__}: {exc}; {hint}") from exc
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise UsageError(
+            f"the pipeline {target!r} ({type(pipe).__name__}) has no transformer; magsdk caches diffusion "
+            "transformers"
+        )
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class LoadedModel:
+    """The model calibration runs on, and how it was obtained (for the entry's ``source``)."""
+
+    target: str
+    transformer: torch.nn.Module
+    pipeline: Any = None
+    #: "pipeline", "pretrained transformer" or "random weights".
+    weights: str = "pipeline"
+
+    @property
+    def transformer_cls_name(self) -> str:
+        return type(self.transformer).__name__
+
+
+def load_model(target: str) -> LoadedModel:
+    """A pipeline for pipeline targets, else the transformer (pretrained from a folder, else small)."""
+    if is_pipeline_target(target):
+        pipe = load_pipeline(target)
+        return LoadedModel(target=target, transformer=pipe.transformer, pipeline=pipe, weights="pipeline")
+    from magsdk.calibration.synthetic import load_transformer
+
+    transformer, weights = load_transformer(target)
+    return LoadedModel(target=target, transformer=transformer, weights=weights)
+
+
+# -- progress ---------------------------------------------------------------------------------------
+@contextmanager
+def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+# -- running ----------------------------------------------------------------------------------------
+def seeds_of(count: int) -> list[int]:
+    return list(range(count))
+
+
+def pipeline_call_kwargs(
+    pipe: Any,
+    prompt: str,
+    seed: int,
+    steps: int,
+    height: int | None,
+    width: int | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of one calibration generation (tests replay them exactly)."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = {
+        "prompt": prompt,
+        "num_inference_steps": steps,
+        "generator": torch.Generator("cpu").manual_seed(seed),
+    }
+    if "height" in params:
+        kwargs["height"] = height or DEFAULT_SIZE
+    if "width" in params:
+        kwargs["width"] = width or DEFAULT_SIZE
+    if "output_type" in params:
+        kwargs["output_type"] = "latent"  # the transformer's calls are all calibration needs
+    if extra:
+        # Calibrate the way the model is sampled (e.g. true CFG: both branches get their curve).
+        kwargs.update(extra)
+    return kwargs
+
+
+def run_pipeline(
+    pipe: Any,
+    strategy: MagCacheStrategy,
+    *,
+    steps: int,
+    prompts: Sequence[str],
+    seeds: int,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+    call_kwargs: Mapping[str, Any] | None = None,
+) -> CalibrationResult:
+    """Every prompt × seed through the pipeline inside one ``magsdk.calibrate`` (averaged there)."""
+    runs = [(p, s) for p in prompts for s in seeds_of(seeds)]
+    with _progress(progress, f"calibrating {type(pipe.transformer).__name__}", len(runs)) as advance:
+        cal = magsdk.calibrate(pipe, strategy=strategy)
+        with cal, torch.no_grad():
+            for prompt, seed in runs:
+                try:
+                    pipe(**pipeline_call_kwargs(pipe, prompt, seed, steps, height, width, call_kwargs))
+                except MagSDKError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationRunError(
+                        f"{type(pipe).__name__} failed on prompt {prompt!r}, seed {seed}, {steps} steps: "
+                        f"{type(exc).__name__}: {exc}. Nothing was written."
+                    ) from exc
+                advance()
+    assert cal.result is not None
+    return cal.result
+
+
+def run_driver(
+    transformer: torch.nn.Module,
+    driver: DriverFn,
+    strategy: MagCacheStrategy,
+    *,
+    steps: int,
+    seeds: int,
+    label: str,
+    progress: bool = True,
+) -> CalibrationResult:
+    """The user's driver once per seed, inside one ``magsdk.calibrate``."""
+    with _progress(progress, f"calibrating {type(transformer).__name__}", seeds) as advance:
+        cal = magsdk.calibrate(transformer, strategy=strategy)
+        with cal:
+            for seed in seeds_of(seeds):
+                try:
+                    driver(transformer, steps, seed)
+                except MagSDKError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationRunError(
+                        f"the driver {label} raised {type(exc).__name__}: {exc} (steps={steps}, seed={seed}). "
+                        "Fix the driver; nothing was written."
+                    ) from exc
+                advance()
+    assert cal.result is not None
+    _check_steps(cal.result, steps, f"the driver {label}")
+    return cal.result
+
+
+def _check_steps(result: CalibrationResult, steps: int, who: str) -> None:
+    for name, branch in result.branches.items():
+        if len(branch.norm_ratios) != steps:
+            raise CalibrationRunError(
+                f"{who} ran {len(branch.norm_ratios)} denoising steps on branch {name!r}, but --steps is {steps}. "
+                "It must call the transformer once per step (per branch) for `steps` steps."
+            )
+
+
+def run_calibration(
+    loaded: LoadedModel,
+    strategy: MagCacheStrategy,
+    *,
+    steps: int,
+    prompts: Sequence[str] | None = None,
+    seeds: int = 2,
+    driver: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+    call_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[CalibrationResult, CalibrationEntry]:
+    """Run the right driver for ``loaded`` and return the averaged result and its entry."""
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if driver is not None:
+            fn = load_driver(driver)
+            result = run_driver(
+                loaded.transformer, fn, strategy, steps=steps, seeds=seeds, label=driver, progress=progress
+            )
+            source = f"magsdk.calibrate on {loaded.target} with --driver {driver}, {_count(seeds, 'seed')}"
+            entry = to_entry(result, steps=steps, source=source, num_seeds=seeds)
+        elif loaded.pipeline is not None:
+            prompt_list = list(prompts or DEFAULT_PROMPTS)
+            pipe = loaded.pipeline
+            result = run_pipeline(
+                pipe, strategy, steps=steps, prompts=prompt_list, seeds=seeds, height=height, width=width,
+                progress=progress, call_kwargs=call_kwargs,
+            )
+            _check_steps(result, steps, type(pipe).__name__)
+            h, w = height or DEFAULT_SIZE, width or DEFAULT_SIZE
+            source = (
+                f"magsdk.calibrate on {loaded.target} ({type(pipe).__name__}), "
+                f"{_count(len(prompt_list), 'prompt')} x {_count(seeds, 'seed')} at {h}x{w}"
+            )
+            scheduler = getattr(pipe, "scheduler", None)
+            entry = to_entry(
+                result, steps=steps, source=source, scheduler=type(scheduler).__name__ if scheduler else None,
+                shape=f"{h}x{w}", num_prompts=len(prompt_list), num_seeds=seeds,
+            )
+        else:
+            from magsdk.calibration.synthetic import run_synthetic
+
+            result, shape = run_synthetic(loaded.transformer, strategy, steps=steps, seeds=seeds, progress=progress)
+            _check_steps(result, steps, "the synthetic Euler loop")
+            source = (
+                f"magsdk.calibrate on {loaded.target}: flow-matching Euler loop over synthesized inputs, "
+                f"{loaded.weights}, {_count(seeds, 'seed')} (synthetic)"
+            )
+            entry = to_entry(
+                result, steps=steps, source=source, scheduler="flow-matching Euler (magsdk synthetic loop)",
+                shape=shape, num_seeds=seeds, synthetic=True,
+            )
+            logger.warning(
+                "%s: no pipeline and no --driver, so the curve was measured on synthesized inputs (%s); it is "
+                "marked synthetic. Recalibrate on real generations before relying on it.",
+                loaded.target, loaded.weights,
+            )
+    entry = entry.model_copy(update={"diffusers_version": diffusers.__version__})
+    result.synthetic = entry.synthetic
+    result.scheduler = entry.scheduler
+    result.num_steps = steps
+    return result, entry
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def to_entry(
+    result: CalibrationResult,
+    *,
+    steps: int,
+    source: str,
+    scheduler: str | None = None,
+    shape: str | None = None,
+    num_prompts: int | None = None,
+    num_seeds: int | None = None,
+    synthetic: bool = False,
+) -> CalibrationEntry:
+    """The mean curve and the spread per branch, with the first branch's timesteps."""
+    first = next(iter(result.branches.values()))
+    for name, branch in result.branches.items():
+        bad = [i for i, v in enumerate(branch.norm_ratios) if not math.isfinite(v) or v <= 0]
+        if bad:
+            raise CalibrationRunError(
+                f"calibration measured a non-finite or non-positive norm ratio on branch {name!r} at step(s) {bad} "
+                f"({[branch.norm_ratios[i] for i in bad]}): the block stack's residual vanished or overflowed. "
+                "Check the model's outputs (NaN/inf, diverging latents) or its compute_residual; nothing was written."
+            )
+    return CalibrationEntry(
+        num_steps=steps,
+        branches={name: list(b.norm_ratios) for name, b in result.branches.items()},
+        spread={name: list(b.norm_ratio_spread) for name, b in result.branches.items() if b.norm_ratio_spread},
+        timesteps=list(first.timesteps) if all(t is not None for t in first.timesteps) else [],
+        source=source,
+        scheduler=scheduler,
+        shape=shape,
+        num_prompts=num_prompts,
+        num_seeds=num_seeds,
+        synthetic=synthetic,
+    )

@@ -1,0 +1,234 @@
+"""``magsdk scaffold`` and ``magsdk calibrate``: a calibrated, validated strategy module from a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from magsdk.calibration.drivers import read_prompts
+from magsdk.codegen.scaffold import (
+    CalibrateOutcome,
+    ScaffoldOptions,
+    ScaffoldResult,
+    calibrate_file,
+    run_scaffold,
+)
+from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport, MagCacheConfig
+from magsdk.errors import UsageError
+from magsdk.ratios import plan
+
+console = Console()
+
+MODEL_HELP = (
+    "A diffusers pipeline folder (model_index.json) or hub id, a transformer folder, a class name, or file.py:Class."
+)
+DEFAULT_OUT = Path("strategies")
+DRIVER_HELP = "FILE.py:FUNC that runs one generation: FUNC(transformer, steps, seed)."
+
+
+CALL_ARG_HELP = (
+    "KEY=VALUE passed to every pipeline call during calibration (repeatable; VALUE is JSON when it parses), "
+    "e.g. --call-arg true_cfg_scale=4 --call-arg negative_prompt='' to calibrate both CFG branches."
+)
+
+
+def _prompts(path: Path | None) -> list[str] | None:
+    return read_prompts(path) if path is not None else None
+
+
+def _call_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """Parse repeated ``--call-arg KEY=VALUE``; a malformed item is a usage error."""
+    parsed: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"--call-arg {item!r}: expected KEY=VALUE with KEY a keyword of the pipeline call")
+        try:
+            parsed[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+def scaffold_command(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    name: str | None = typer.Option(None, "--name", help="Module name (default: from the transformer class)."),
+    steps: int = typer.Option(28, "--steps", "-n", help="Denoising steps of the calibration runs."),
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one calibration prompt a line.")] = None,
+    seeds: int = typer.Option(2, "--seeds", help="Seeds per prompt (0, 1, ... K-1)."),
+    out: Annotated[Path, typer.Option("--out", help="Folder for <name>.py and tests/test_<name>.py.")] = DEFAULT_OUT,
+    driver: str | None = typer.Option(None, "--driver", help=DRIVER_HELP),
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the curves and spread.")] = None,
+    height: int | None = typer.Option(None, "--height", help="Image height for pipeline calibration (default 32)."),
+    width: int | None = typer.Option(None, "--width", help="Image width for pipeline calibration (default 32)."),
+    no_test: bool = typer.Option(False, "--no-test", help="Do not write tests/test_<name>.py."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing module even if it was edited."),
+    call_arg: Annotated[list[str] | None, typer.Option("--call-arg", help=CALL_ARG_HELP)] = None,
+) -> None:
+    """Inspect a model, generate its strategy module, calibrate it, validate it, and write it."""
+    options = ScaffoldOptions(
+        model=model, name=name, steps=steps, prompts=_prompts(prompts), seeds=seeds, out_dir=out, driver=driver,
+        plot=plot, height=height, width=width, with_test=not no_test, force=force, call_kwargs=_call_kwargs(call_arg),
+    )
+    result = run_scaffold(options, progress=console.is_terminal)
+    print_scaffold_summary(result, options)
+
+
+def calibrate_command(
+    strategy_file: Annotated[Path, typer.Argument(help="A strategy module (made by scaffold or by hand).")],
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    steps: int = typer.Option(28, "--steps", "-n", help="Denoising steps of the calibration runs."),
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one calibration prompt a line.")] = None,
+    seeds: int = typer.Option(2, "--seeds", help="Seeds per prompt (0, 1, ... K-1)."),
+    driver: str | None = typer.Option(None, "--driver", help=DRIVER_HELP),
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the curves and spread.")] = None,
+    height: int | None = typer.Option(None, "--height", help="Image height for pipeline calibration (default 32)."),
+    width: int | None = typer.Option(None, "--width", help="Image width for pipeline calibration (default 32)."),
+    call_arg: Annotated[list[str] | None, typer.Option("--call-arg", help=CALL_ARG_HELP)] = None,
+) -> None:
+    """Add or refresh the calibration for --steps in a strategy file; nothing else in it changes."""
+    options = ScaffoldOptions(
+        model=model, steps=steps, prompts=_prompts(prompts), seeds=seeds, driver=driver, plot=plot,
+        height=height, width=width, call_kwargs=_call_kwargs(call_arg),
+    )
+    outcome = calibrate_file(strategy_file, options, progress=console.is_terminal)
+    print_calibrate_summary(outcome, options)
+
+
+# -- summaries --------------------------------------------------------------------------------------
+def metadata_summary(metadata: BlockMetadata) -> str:
+    """The conventions in one line: argument names and where the states come out."""
+    out = metadata.output_kind
+    if metadata.output_kind in ("dict", "dataclass"):
+        where = f"{out}[{metadata.return_hidden_states_key!r}]"
+        enc = f", encoder out {out}[{metadata.return_encoder_hidden_states_key!r}]" if (
+            metadata.return_encoder_hidden_states_key) else ""
+    elif metadata.output_kind == "tensor":
+        where, enc = "tensor", ""
+    else:
+        where = f"{out}[{metadata.return_hidden_states_index}]"
+        enc = (
+            f", encoder out [{metadata.return_encoder_hidden_states_index}]"
+            if metadata.return_encoder_hidden_states_index is not None
+            else ""
+        )
+    text = f"in {metadata.hidden_states_argument_name}"
+    if metadata.encoder_hidden_states_argument_name:
+        text += f" / {metadata.encoder_hidden_states_argument_name}"
+    text += f"; out {where}{enc}"
+    if metadata.fused_sequence_order:
+        text += f"; fused {metadata.fused_sequence_order.replace('_', '+')}"
+    if metadata.fuses_inputs:
+        text += " (fuses inputs)"
+    return text
+
+
+def blocks_table(report: InspectionReport) -> Group:
+    heading = Text.from_markup(f"[bold]Blocks of {report.transformer}[/] (in execution order)")
+    table = Table()
+    for column in ("group", "block class", "count", "conventions"):
+        table.add_column(column)
+    for group in report.block_groups:
+        table.add_row(group.path, group.block_class, str(group.count), metadata_summary(group.metadata))
+    return Group(heading, table)
+
+
+def curve_table(entry: CalibrationEntry) -> Group:
+    runs = (entry.num_prompts or 1) * (entry.num_seeds or 1)
+    heading = Text.from_markup(
+        f"[bold]Calibrated curve[/], {entry.num_steps} steps: mean norm ratio ± spread (std) over {runs} "
+        f"generation{'s' if runs != 1 else ''}"
+    )
+    table = Table()
+    table.add_column("step", justify="right")
+    if entry.timesteps:
+        table.add_column("timestep", justify="right")
+    for branch in entry.branches:
+        table.add_column(branch, justify="right")
+    for step in range(entry.num_steps):
+        row = [str(step)]
+        if entry.timesteps:
+            t = entry.timesteps[step]
+            row.append("-" if t is None else f"{t:.4g}")
+        for branch, curve in entry.branches.items():
+            spread = entry.spread.get(branch)
+            row.append(f"{curve[step]:.5f}" + (f" ± {spread[step]:.5f}" if spread else ""))
+        table.add_row(*row)
+    return Group(heading, table)
+
+
+def plan_table(entry: CalibrationEntry, threshold: float, max_skip_steps: int, retention_ratio: float) -> Group:
+    config = MagCacheConfig(
+        mag_ratios=entry.branches, threshold=threshold, max_skip_steps=max_skip_steps, retention_ratio=retention_ratio
+    )
+    heading = Text.from_markup(
+        f"[bold]Skip plan[/] at the strategy's defaults (threshold={threshold}, K={max_skip_steps}, "
+        f"retention={retention_ratio}), {entry.num_steps} steps"
+    )
+    table = Table()
+    for column in ("branch", "computed", "skipped", "ideal speedup", "schedule (C = compute, . = skip)"):
+        table.add_column(column)
+    for branch, curve in entry.branches.items():
+        p = plan(curve, config, entry.num_steps)
+        table.add_row(branch, str(len(p.computed_steps)), str(len(p.skipped_steps)), f"{p.ideal_speedup:.2f}x",
+                      p.schedule_string())
+    return Group(heading, table)
+
+
+def _entry_notes(entry: CalibrationEntry) -> None:
+    console.print(f"source: {entry.source}", highlight=False, soft_wrap=True)
+    if entry.synthetic:
+        console.print(
+            "[bold yellow]warning:[/] this curve is synthetic: it was measured on synthesized inputs"
+            " (random weights unless a folder held weights), not on real generations. Recalibrate with a pipeline"
+            " or --driver before relying on it.",
+            soft_wrap=True,
+        )
+
+
+def print_scaffold_summary(result: ScaffoldResult, options: ScaffoldOptions) -> None:
+    from magsdk.codegen.scaffold import strategy_defaults
+
+    console.print(blocks_table(result.report))
+    for warning in result.report.warnings:
+        console.print(f"[yellow]inspect warning:[/] {warning}", highlight=False, soft_wrap=True)
+    console.print(curve_table(result.entry))
+    _entry_notes(result.entry)
+    console.print(plan_table(result.entry, **strategy_defaults(result.module_path)))
+    console.print(
+        f"[bold green]wrote[/] {result.module_path} ({result.strategy_class} for {result.transformer_cls_name}; "
+        f"checked: calibration re-read, imports, registers, mypy --strict {result.mypy})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.test_path is not None:
+        console.print(f"[bold green]wrote[/] {result.test_path}", highlight=False)
+    if options.plot is not None:
+        console.print(f"[bold green]wrote[/] {options.plot}", highlight=False)
+
+
+def print_calibrate_summary(outcome: CalibrateOutcome, options: ScaffoldOptions) -> None:
+    console.print(curve_table(outcome.entry))
+    _entry_notes(outcome.entry)
+    console.print(plan_table(outcome.entry, outcome.threshold, outcome.max_skip_steps, outcome.retention_ratio))
+    verb = "refreshed" if outcome.replaced else "added"
+    console.print(
+        f"[bold green]{verb}[/] the {outcome.entry.num_steps}-step calibration of {outcome.strategy_class} in "
+        f"{outcome.path} (checked: calibration re-read, imports, registers, mypy --strict {outcome.mypy})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if options.plot is not None:
+        console.print(f"[bold green]wrote[/] {options.plot}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("scaffold")(scaffold_command)
+    app.command("calibrate")(calibrate_command)
+
