@@ -6,6 +6,7 @@ denoising loop on the same weights, interleaved over several rounds; the table s
 ratio to the ideal time ``plain × computed / total``.
 
     python tools/bench_overhead.py                    # mid-size CPU Flux config
+    python tools/bench_overhead.py --tiny --rounds 20                     # hook overhead per call
     python tools/bench_overhead.py --full --device cuda --dtype bfloat16   # FLUX.1-dev architecture
 """
 
@@ -30,15 +31,18 @@ from strategies.flux import CALIBRATIONS
 
 FLUX_RATIOS: list[float] = CALIBRATIONS[0]["branches"]["default"]
 
+TINY = dict(in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
 MID = dict(in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=32, num_attention_heads=4,
            joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12))
 FULL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
             joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
-def build(full: bool, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
+def build(size: str, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, **(FULL if full else MID))  # type: ignore[arg-type]
+    config = {"full": FULL, "mid": MID, "tiny": TINY}[size]
+    model = FluxTransformer2DModel(patch_size=1, **config)  # type: ignore[arg-type]
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -87,26 +91,33 @@ def timed(fn: Callable[[], torch.Tensor]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="FLUX.1-dev architecture (needs a GPU)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a 2+2-block model on 16 tokens: the blocks cost little, so the table shows hook overhead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--image-tokens", type=int, default=None, help="default: 1024 (mid), 4096 (full)")
     parser.add_argument("--text-tokens", type=int, default=None, help="default: 64 (mid), 512 (full)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); fewer = steadier timings")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer for every method")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    image_tokens = args.image_tokens or (4096 if args.full else 1024)
-    text_tokens = args.text_tokens or (512 if args.full else 64)
-    base = build(args.full, args.device, dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = "full" if args.full else "tiny" if args.tiny else "mid"
+    image_tokens = args.image_tokens or {"full": 4096, "mid": 1024, "tiny": 16}[size]
+    text_tokens = args.text_tokens or {"full": 512, "mid": 64, "tiny": 6}[size]
+    base = build(size, args.device, dtype)
 
     curves = {
         "skips nothing (K=0)": dict(threshold=0.06, max_skip_steps=0, retention_ratio=0.2),
         "FLUX curve 0.06/3/0.2": dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2),
         "FLUX curve 0.24/5/0.1": dict(threshold=0.24, max_skip_steps=5, retention_ratio=0.1),
     }
-    print(f"# device={args.device} dtype={args.dtype} full={args.full} steps={args.steps} "
-          f"image_tokens={image_tokens} text_tokens={text_tokens} rounds={args.rounds} torch={torch.__version__}")
+    print(f"# device={args.device} dtype={args.dtype} model={size} steps={args.steps} "
+          f"image_tokens={image_tokens} text_tokens={text_tokens} rounds={args.rounds} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__}")
     plain_model = base
     methods: dict[str, Callable[[], torch.Tensor]] = {}
     computed: dict[str, int] = {}
@@ -147,6 +158,11 @@ def main() -> None:
         ideal = plain_s * computed[label] / args.steps
         print(f"| {method} | {label} | {computed[label]} / {args.steps} | {seconds:.3f} | "
               f"{plain_s / seconds:.2f}x | {ideal:.3f} | {seconds / ideal:.3f} |")
+    if computed:
+        label = next(iter(curves))
+        for method in ("magsdk", "diffusers"):
+            extra = (min(times[f"{method} | {label}"]) - plain_s) / args.steps * 1e6
+            print(f"# {method}: {extra:+.0f} us per transformer call over plain ({label})")
 
 
 if __name__ == "__main__":
