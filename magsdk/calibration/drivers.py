@@ -15,12 +15,10 @@ turns that into the ``CalibrationEntry`` a strategy module stores.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import logging
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import magsdk
 from magsdk.config import CalibrationEntry, CalibrationResult
 from magsdk.errors import MagSDKError, UsageError
+from magsdk.inspect.targets import load_file_module
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
@@ -78,18 +77,7 @@ def load_driver(spec: str) -> DriverFn:
     path = Path(file_part)
     if not path.is_file():
         raise UsageError(f"--driver {spec!r}: file {path} does not exist")
-    module_name = f"_magsdk_driver_{path.stem}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise UsageError(f"--driver {spec!r}: {path} cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:
-        raise UsageError(f"--driver {spec!r}: importing {path} raised {type(exc).__name__}: {exc}") from exc
-    finally:
-        sys.modules.pop(module_name, None)
+    module = load_file_module(path, f"--driver {spec}")
     func = getattr(module, func_name, None)
     if not callable(func):
         raise UsageError(f"--driver {spec!r}: {path} has no function {func_name!r}")
