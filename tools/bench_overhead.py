@@ -116,8 +116,8 @@ def main() -> None:
         "FLUX curve 0.24/5/0.1": dict(threshold=0.24, max_skip_steps=5, retention_ratio=0.1),
     }
     print(f"# device={args.device} dtype={args.dtype} model={size} steps={args.steps} "
-          f"image_tokens={image_tokens} text_tokens={text_tokens} rounds={args.rounds} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__}")
+          f"image_tokens={image_tokens} text_tokens={text_tokens} rounds={args.rounds} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
     plain_model = base
     methods: dict[str, Callable[[], torch.Tensor]] = {}
     computed: dict[str, int] = {}

@@ -77,6 +77,16 @@ class PipelineSizes:
     double_layers: int = 2
     single_layers: int = 2
     max_text_tokens: int = 16
+    image_size: int = 32
+
+
+# The trained reference (``magsdk/reference/flux-digits``): a three-level VAE turns a 32x32 image
+# into an 8x8x4 latent, so the transformer sees 16 packed image tokens; small enough to train on
+# two CPU cores in minutes, deep enough (2 double + 4 single blocks) for caching to matter.
+REFERENCE_SIZES = PipelineSizes(
+    latent_channels=4, vae_channels=(16, 32, 32), text_dim=32, text_layers=2, t5_dim=32, t5_layers=2,
+    heads=4, head_dim=16, double_layers=2, single_layers=4, max_text_tokens=16, image_size=32,
+)
 
 
 def build_pipeline(seed: int = 0, sizes: PipelineSizes | None = None, extra_words: Iterable[str] = ()) -> FluxPipeline:
@@ -106,7 +116,7 @@ def build_pipeline(seed: int = 0, sizes: PipelineSizes | None = None, extra_word
         down_block_types=("DownEncoderBlock2D",) * len(s.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(s.vae_channels),
         block_out_channels=s.vae_channels, layers_per_block=1, norm_num_groups=min(32, s.vae_channels[0]),
-        sample_size=32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+        sample_size=s.image_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
     )
     rope = s.head_dim // 4
     transformer = FluxTransformer2DModel(
