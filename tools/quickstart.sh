@@ -4,4 +4,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/tools/setup.sh"
 venv="${MAGSDK_VENV:-$root/.venv}"
-"$venv/bin/magsdk" plan --strategy flux --steps 28
+# The main job: inspect -> scaffold -> calibrate -> cached vs uncached on the bundled, trained
+# digits FluxPipeline; writes magsdk-demo/demo-grid.png and magsdk-demo/demo-result.json.
+"$venv/bin/magsdk" demo --out "${MAGSDK_DEMO_OUT:-magsdk-demo}" "$@"
