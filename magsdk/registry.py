@@ -15,6 +15,7 @@ from magsdk.config import BlockMetadata
 from magsdk.errors import StrategyNotFoundError
 
 if TYPE_CHECKING:
+    from magsdk.config import InspectionReport
     from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,27 @@ class StrategyRegistry:
     def all(cls) -> dict[str, type[MagCacheStrategy]]:
         discover_strategies()
         return dict(cls._registry)
+
+
+class InferredReportRegistry:
+    """Transformer class → the conventions its first traced call showed (``enable`` without a strategy)."""
+
+    _registry: ClassVar[dict[type, InspectionReport]] = {}
+
+    @classmethod
+    def register(cls, transformer_cls: type, report: InspectionReport) -> None:
+        cls._registry[transformer_cls] = report
+
+    @classmethod
+    def get(cls, transformer_cls: type) -> InspectionReport | None:
+        return cls._registry.get(transformer_cls)
+
+    @classmethod
+    def forget(cls, transformer_cls: type | None = None) -> None:
+        if transformer_cls is None:
+            cls._registry.clear()
+        else:
+            cls._registry.pop(transformer_cls, None)
 
 
 def discover_strategies(package: str = "strategies") -> list[str]:

@@ -24,28 +24,23 @@ from magsdk.config import InspectionReport
 from magsdk.errors import BlockLayoutError
 from magsdk.inspect.infer import infer_metadata, summary
 from magsdk.inspect.trace import BlockCall, Trace, find_block_containers, make_trace, tracing
+from magsdk.registry import InferredReportRegistry
 from magsdk.runtime.session import CacheSession, HookedBlock
 from magsdk.runtime.stats import CallRecord
 
 logger = logging.getLogger("magsdk")
-
-#: What the first call of each transformer class showed (class → report); reused by later enables.
-_REPORTS: dict[type, InspectionReport] = {}
 
 SessionFactory = Callable[[InspectionReport], CacheSession]
 
 
 def known_report(transformer: torch.nn.Module) -> InspectionReport | None:
     """The conventions already inferred for this transformer's class in this process, if any."""
-    return _REPORTS.get(type(transformer))
+    return InferredReportRegistry.get(type(transformer))
 
 
 def forget(cls: type | None = None) -> None:
     """Drop remembered reports (one class, or all): the next enable traces again."""
-    if cls is None:
-        _REPORTS.clear()
-    else:
-        _REPORTS.pop(cls, None)
+    InferredReportRegistry.forget(cls)
 
 
 def trace_first_call(
@@ -136,7 +131,7 @@ class _FirstCall:
         trace = make_trace(transformer, containers, tracer.calls, args, kwargs, output)
         report = infer_metadata(trace).model_copy(update={"inputs": "user"})
         name = type(transformer).__name__
-        _REPORTS[type(transformer)] = report
+        InferredReportRegistry.register(type(transformer), report)
         logger.info("magsdk: %s has no strategy; conventions inferred from its first call: %s (head %s, tail %s)",
                     name, summary(report), report.head, report.tail)
         for warning in report.warnings:
