@@ -45,9 +45,18 @@ class StrategyRegistry:
     _registry: ClassVar[dict[str, type[MagCacheStrategy]]] = {}
     _discovered: ClassVar[bool] = False
 
+    _discovering: ClassVar[bool] = False
+
     @classmethod
     def register(cls, strategy: type[MagCacheStrategy]) -> None:
-        cls._registry[strategy.transformer_cls_name] = strategy
+        """A strategy defined later replaces an earlier one, except that discovery of the bundled
+        ``strategies`` package never replaces one the user registered first (their own module wins)."""
+        name = strategy.transformer_cls_name
+        existing = cls._registry.get(name)
+        if cls._discovering and existing is not None and existing.__module__ != strategy.__module__:
+            logger.debug("keeping %s for %s over bundled %s", existing.__qualname__, name, strategy.__module__)
+            return
+        cls._registry[name] = strategy
         for block_name, metadata in strategy.block_metadata.items():
             TransformerBlockRegistry.register(block_name, metadata)
 
@@ -108,13 +117,17 @@ def discover_strategies(package: str = "strategies") -> list[str]:
         logger.debug("strategy package %r is not importable", package)
         return []
     imported: list[str] = []
-    for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
-        if info.name.startswith("_"):
-            continue
-        name = f"{package}.{info.name}"
-        try:
-            importlib.import_module(name)
-            imported.append(name)
-        except Exception as exc:  # a broken user strategy must not hide the others
-            logger.warning("could not import strategy module %s: %s", name, exc)
+    StrategyRegistry._discovering = True
+    try:
+        for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
+            if info.name.startswith("_"):
+                continue
+            name = f"{package}.{info.name}"
+            try:
+                importlib.import_module(name)
+                imported.append(name)
+            except Exception as exc:  # a broken user strategy must not hide the others
+                logger.warning("could not import strategy module %s: %s", name, exc)
+    finally:
+        StrategyRegistry._discovering = False
     return imported

@@ -88,3 +88,21 @@ def test_tracker_without_timesteps_counts_calls_per_branch():
     tracker = StepTracker()
     steps = [tracker.observe(None, c).step for c in ("cond", "uncond", "cond", "uncond")]
     assert steps == [0, 0, 1, 1]
+
+
+def test_user_strategy_registered_first_is_not_replaced_by_discovery():
+    from magsdk.codegen.validate import isolated_registry
+
+    with isolated_registry():
+        magsdk.StrategyRegistry._registry.pop("FluxTransformer2DModel", None)
+        magsdk.StrategyRegistry._discovered = False
+        import sys
+
+        sys.modules.pop("strategies.flux", None)
+
+        class MyFlux(FluxStrategy):
+            threshold = 0.3
+
+        assert magsdk.StrategyRegistry.get("FluxTransformer2DModel") is MyFlux
+        magsdk.StrategyRegistry.all()  # imports strategies/flux.py again
+        assert magsdk.StrategyRegistry.get("FluxTransformer2DModel") is MyFlux
