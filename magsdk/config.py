@@ -141,6 +141,9 @@ class MagCacheConfig(BaseModel):
     retention_ratio: float = Field(0.2, ge=0, lt=1)
     num_inference_steps: int | None = Field(None, ge=1)
     calibrate: bool = False
+    #: False (default): all branches of a step follow the mean curve and skip together, so true CFG
+    #: never mixes a fresh prediction with a stale one. True: each branch follows its own curve.
+    per_branch_curves: bool = False
 
     @field_validator("mag_ratios", mode="before")
     @classmethod

@@ -111,11 +111,25 @@ def test_enable_twice_replaces_and_disable_restores(flux):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
+def test_cfg_branches_share_one_schedule_by_default(flux):
+    """Two branch curves: by default both passes follow their mean and skip the same steps."""
+    other = [1.0] + [r * 1.02 for r in FLUX_RATIOS[1:]]
+    model = fresh_copy(flux)
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios={"pass0": FLUX_RATIOS, "pass1": other}, **FAST))
+    denoise(model, 28, cfg=True)
+    mean = [(a + b) / 2 for a, b in zip(FLUX_RATIOS, other, strict=True)]
+    expected = magsdk.plan(mean, handle.config, 28).computed_steps
+    assert handle.stats.computed_steps("pass0") == handle.stats.computed_steps("pass1") == expected
+    own = [magsdk.plan(curve, handle.config, 28).computed_steps for curve in (FLUX_RATIOS, other)]
+    assert own[0] != own[1]  # on their own curves the two passes would skip different steps
+
+
 def test_per_branch_curves_are_used(flux):
-    """A dict of curves gives each CFG branch its own schedule."""
+    """per_branch_curves=True gives each CFG branch its own schedule."""
     flat = [1.0] * 28
     model = fresh_copy(flux)
-    handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios={"pass0": FLUX_RATIOS, "pass1": flat}, **FAST))
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios={"pass0": FLUX_RATIOS, "pass1": flat},
+                                                        per_branch_curves=True, **FAST))
     denoise(model, 28, cfg=True)
     table = handle.stats.per_branch()
     assert set(table) == {"pass0", "pass1"}

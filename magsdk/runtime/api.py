@@ -315,7 +315,7 @@ def _new_session(
         transformer,
         blocks,
         resolved_config,
-        make_curve_provider(tables) if tables else None,
+        make_curve_provider(tables, resolved_config.per_branch_curves) if tables else None,
         strategy,
         stats,
         name=name,
@@ -325,7 +325,8 @@ def _new_session(
 
 def _curves_of(config: MagCacheConfig) -> CurveProvider | None:
     ratios = config.mag_ratios
-    return make_curve_provider([(max(len(c) for c in ratios.values()), ratios)]) if ratios else None
+    tables = [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
+    return make_curve_provider(tables, config.per_branch_curves) if tables else None
 
 
 def _undo(restore: list[tuple[Any, str, Any]]) -> None:

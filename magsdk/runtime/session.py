@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from magsdk.config import BlockMetadata, BranchCalibration, CalibrationResult, MagCacheConfig
+from magsdk.config import DEFAULT_BRANCH, BlockMetadata, BranchCalibration, CalibrationResult, MagCacheConfig
 from magsdk.errors import BlockLayoutError
 from magsdk.ratios import FRESH, Accumulator, decide, resample_nearest, select_branch_curve
 from magsdk.runtime.layout import ArgumentReader, BlockIO, forward_parameters
@@ -344,14 +344,21 @@ class CacheSession:
 _ABSENT = object()
 
 
-def make_curve_provider(tables: list[tuple[int, dict[str, list[float]]]]) -> CurveProvider:
+def make_curve_provider(
+    tables: list[tuple[int, dict[str, list[float]]]], per_branch: bool = False
+) -> CurveProvider:
     """Pick the calibration nearest the run's step count, then resample it to that count.
 
     Curves are resampled per run (trap 6), not at configuration time: the same handle serves a
-    28-step and a 50-step generation correctly.
+    28-step and a 50-step generation correctly. Unless ``per_branch``, every branch follows the
+    mean of the branch curves, so the CFG passes of one step skip together: true CFG that mixes a
+    fresh prediction with a stale one lost up to 4.8 dB on the reference model
+    (docs/benchmarks.md).
     """
     if not tables:
         raise ValueError("no curves to provide")
+    if not per_branch:
+        tables = [(steps, {DEFAULT_BRANCH: _mean_curve(list(curves.values()))}) for steps, curves in tables]
 
     def provide(branch: str, position: int, num_steps: int) -> list[float]:
         if num_steps:
@@ -362,3 +369,11 @@ def make_curve_provider(tables: list[tuple[int, dict[str, list[float]]]]) -> Cur
         return resample_nearest(curve, num_steps) if num_steps else curve
 
     return provide
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    if len(curves) == 1:
+        return list(curves[0])
+    length = max(len(c) for c in curves)
+    resampled = [resample_nearest(c, length) for c in curves]
+    return [sum(values) / len(values) for values in zip(*resampled, strict=True)]

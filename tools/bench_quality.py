@@ -1,0 +1,533 @@
+"""Quality against speed of every caching method on the bundled reference FluxPipeline.
+
+    nice -n 10 python tools/bench_quality.py                 # full sweep, rewrites its section of docs/benchmarks.md
+    python tools/bench_quality.py --quick --out /tmp/b.md    # CI-sized run (a few points per method)
+
+Every method generates the same prompts and seeds, in one process, as one batched pipeline call
+per point. For each point: transformer calls computed (a call counts as computed when the last
+block's attention ran), wall-clock speedup against the uncached run (best of ``--repeats`` runs
+each, measured in turn with it), PSNR and SSIM against the uncached images, and the share of
+images that the digit classifier reads as the prompted digit.
+
+Methods: magsdk (calibrated with ``magsdk.calibrate`` on the default prompts, with a seed kept
+out of the evaluation), diffusers' MagCache (calibrated with its own ``calibrate=True`` mode; the
+printed "cond" list is what a user would copy), diffusers' FirstBlockCache and TaylorSeer (via
+``pipe.transformer.enable_cache``), and cache-dit's DBCache when ``cache_dit`` is installed.
+Each cache is attached fresh for every run, so that no state carries over between generations.
+
+Step-count transfer: magsdk calibrated at 28 steps and run at 14 and 50 (the runtime resamples
+the curve by nearest index; a timestep-mapped curve is also shown) against a calibration made
+at the target step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import magsdk  # noqa: E402
+from magsdk.config import atomic_write_text  # noqa: E402
+from magsdk.reference import DEFAULT_PROMPTS, generate, load_reference_pipeline, reference_settings  # noqa: E402
+from magsdk.reference.classifier import digit_classifier  # noqa: E402
+from magsdk.reference.metrics import psnr, ssim  # noqa: E402
+
+Attach = Callable[[], Callable[[], None]]  # attaches a cache, returns the function that removes it
+SECTION = "## Quality vs speed on the reference model"
+NOTES_START, NOTES_END = "<!-- findings -->", "<!-- /findings -->"
+CALIBRATION_SEED = 1000  # not among the evaluation seeds
+
+
+@dataclass
+class Point:
+    method: str
+    knob: str
+    value: float
+    steps: int
+    computed_calls: int
+    total_calls: int
+    seconds: float
+    speedup: float
+    psnr_db: float
+    ssim: float
+    accuracy: float
+
+    @property
+    def call_speedup(self) -> float:
+        return self.total_calls / max(1, self.computed_calls)
+
+
+@dataclass
+class Bench:
+    pipe: Any
+    prompts: list[str]
+    seeds: list[int]
+    repeats: int
+    baselines: dict[int, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    calls: list[int] = field(default_factory=lambda: [0])
+    warmed: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        # Count transformer calls in which the last block's attention actually ran.
+        probe = self.pipe.transformer.single_transformer_blocks[-1].attn.to_q
+        probe.register_forward_hook(lambda *_: self.calls.__setitem__(0, self.calls[0] + 1))
+
+    @property
+    def labels(self) -> list[str]:
+        return [p for p in self.prompts for _ in self.seeds]
+
+    def timed(self, steps: int, attach: Attach | None = None) -> tuple[torch.Tensor, float, int]:
+        """One generation of every prompt and seed: images, wall-clock seconds, computed calls."""
+        detach = attach() if attach is not None else None
+        try:
+            self.calls[0] = 0
+            start = time.perf_counter()
+            images = generate(self.pipe, self.prompts, self.seeds, num_inference_steps=steps)
+            return images, time.perf_counter() - start, self.calls[0]
+        finally:
+            if detach is not None:
+                detach()
+
+    def baseline(self, steps: int) -> tuple[torch.Tensor, float]:
+        if steps not in self.baselines:
+            images, seconds, _ = self.timed(steps)
+            self.baselines[steps] = (images, seconds)
+        return self.baselines[steps]
+
+    def point(self, method: str, knob: str, value: float, steps: int, attach: Attach) -> Point:
+        """Paired rounds (uncached, then cached) so that load drift on a shared machine cancels in each ratio."""
+        reference, _ = self.baseline(steps)
+        if method not in self.warmed:
+            # The first attach of a method pays one-off costs (imports, torch.compiler.disable setup).
+            self.warmed.add(method)
+            detach = attach()
+            try:
+                generate(self.pipe, self.prompts[:1], self.seeds[:1], num_inference_steps=2)
+            finally:
+                detach()
+        ratios, times = [], []
+        images, computed = reference, 0
+        for _ in range(self.repeats):
+            _, base_seconds, _ = self.timed(steps)
+            images, seconds, computed = self.timed(steps, attach)
+            self.baselines[steps] = (reference, min(self.baselines[steps][1], base_seconds))
+            ratios.append(base_seconds / seconds)
+            times.append(seconds)
+        p = Point(
+            method=method, knob=knob, value=value, steps=steps, computed_calls=computed,
+            total_calls=2 * steps, seconds=min(times), speedup=statistics.median(ratios),
+            psnr_db=float(psnr(images, reference).mean()), ssim=float(ssim(images, reference).mean()),
+            accuracy=digit_classifier(images.shape[-1]).prompt_accuracy(images, self.labels),
+        )
+        print(f"  {method:<22} {knob}={value:<8g} calls {computed:>3}/{2 * steps:<3} speedup {p.speedup:5.2f}x "
+              f"PSNR {p.psnr_db:6.2f} SSIM {p.ssim:.4f} acc {p.accuracy:.3f}", flush=True)
+        return p
+
+
+# -- methods ---------------------------------------------------------------------------------------
+def magsdk_calibration(pipe: Any, steps: int, prompts: list[str]) -> magsdk.CalibrationResult:
+    with magsdk.calibrate(pipe) as cal:
+        generate(pipe, prompts, [CALIBRATION_SEED], num_inference_steps=steps)
+    assert cal.result is not None
+    return cal.result
+
+
+def attach_magsdk(
+    pipe: Any, ratios: Any, threshold: float, k: int, retention: float, per_branch: bool = False
+) -> Attach:
+    def attach() -> Callable[[], None]:
+        handle = magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=ratios, threshold=threshold,
+                                                          max_skip_steps=k, retention_ratio=retention,
+                                                          per_branch_curves=per_branch))
+        return handle.disable
+
+    return attach
+
+
+def diffusers_calibration(pipe: Any, steps: int, prompts: list[str]) -> list[float]:
+    """Run diffusers' calibrate mode and parse the list it prints (the first one: the "cond" context)."""
+    from diffusers import MagCacheConfig as DiffusersMagCacheConfig
+
+    pipe.transformer.enable_cache(DiffusersMagCacheConfig(calibrate=True, num_inference_steps=steps))
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            generate(pipe, prompts, [CALIBRATION_SEED], num_inference_steps=steps)
+    finally:
+        pipe.transformer.disable_cache()
+    lists = re.findall(r"\[([0-9eE+\-.,\s]+)\]", buffer.getvalue())
+    if not lists:
+        raise RuntimeError(f"diffusers' MagCache calibration printed no ratio list:\n{buffer.getvalue()[:500]}")
+    return [float(v) for v in lists[0].split(",")]
+
+
+def attach_diffusers(pipe: Any, make_config: Callable[[], Any]) -> Attach:
+    def attach() -> Callable[[], None]:
+        pipe.transformer.enable_cache(make_config())
+        return pipe.transformer.disable_cache
+
+    return attach
+
+
+def cache_dit_status() -> str | None:
+    """None when cache-dit can run on FluxPipeline here, else the reason it cannot."""
+    try:
+        import cache_dit
+    except ImportError:
+        return "cache-dit is not installed (`pip install cache-dit`)"
+    supported = cache_dit.supported_pipelines()[1]
+    if not any(name.startswith("Flux") for name in supported):
+        return f"cache-dit {cache_dit.__version__} has no FluxPipeline adapter"
+    return None
+
+
+def attach_cache_dit(pipe: Any, threshold: float, steps: int, warmup: int) -> Attach:
+    import cache_dit
+
+    def attach() -> Callable[[], None]:
+        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+            max_warmup_steps=warmup, enable_separate_cfg=True, num_inference_steps=steps,
+        ))
+        return lambda: cache_dit.disable_cache(pipe)
+
+    return attach
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """cache-dit and diffusers log every attach; keep the benchmark's own lines readable."""
+    names = ("cache_dit", "diffusers")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
+# -- the sweep ---------------------------------------------------------------------------------------
+@dataclass
+class Sweep:
+    magsdk_thresholds: list[float]
+    #: (max_skip_steps K, retention_ratio) pairs; each is swept over the thresholds, for magsdk and diffusers alike
+    mag_series: list[tuple[int, float]]
+    fbc_thresholds: list[float]
+    taylor_intervals: list[int]
+    dbcache_thresholds: list[float]
+    transfer_steps: list[int]
+    transfer_thresholds: list[float]
+    shared_curve: bool = True
+
+
+FULL = Sweep(
+    magsdk_thresholds=[0.02, 0.04, 0.06, 0.1, 0.15, 0.24, 0.4, 0.7, 1.0],
+    # diffusers' defaults; a long retention (fills the range below 1.5x); an aggressive setting
+    mag_series=[(3, 0.2), (3, 0.5), (6, 0.1)],
+    fbc_thresholds=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
+    taylor_intervals=[2, 3, 4, 6, 8, 12],
+    dbcache_thresholds=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
+    transfer_steps=[14, 50],
+    transfer_thresholds=[0.06, 0.24],
+)
+QUICK = Sweep(
+    magsdk_thresholds=[0.06, 0.24], mag_series=[(3, 0.2)], fbc_thresholds=[0.1], taylor_intervals=[3],
+    dbcache_thresholds=[0.1], transfer_steps=[14], transfer_thresholds=[0.1], shared_curve=False,
+)
+TRANSFER_SERIES = (3, 0.2)
+
+
+def sweep(bench: Bench, plan: Sweep, steps: int) -> tuple[list[Point], list[dict[str, Any]], str | None]:
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    from diffusers import MagCacheConfig as DiffusersMagCacheConfig
+
+    pipe = bench.pipe
+    points: list[Point] = []
+    print(f"uncached: {bench.baseline(steps)[1]:.2f} s for {len(bench.labels)} images at {steps} steps", flush=True)
+
+    calibration = magsdk_calibration(pipe, steps, bench.prompts)
+    d_ratios = diffusers_calibration(pipe, steps, bench.prompts)
+    for k, retention in plan.mag_series:
+        series = f"(K={k}, r={retention:g})"
+        for th in plan.magsdk_thresholds:
+            # the default: every CFG branch follows the mean of the branch curves (`shared`)
+            points.append(bench.point(f"magsdk {series}", "threshold", th, steps,
+                                      attach_magsdk(pipe, calibration, th, k, retention)))
+        if plan.shared_curve:
+            for th in plan.magsdk_thresholds:
+                points.append(bench.point(f"magsdk per-branch curves {series}", "threshold", th, steps,
+                                          attach_magsdk(pipe, calibration, th, k, retention, per_branch=True)))
+        for th in plan.magsdk_thresholds:
+            points.append(bench.point(f"diffusers MagCache {series}", "threshold", th, steps, attach_diffusers(
+                pipe, lambda th=th, k=k, r=retention: DiffusersMagCacheConfig(
+                    mag_ratios=d_ratios, threshold=th, max_skip_steps=k, retention_ratio=r, num_inference_steps=steps,
+                ))))
+    for th in plan.fbc_thresholds:
+        points.append(bench.point("diffusers FirstBlockCache", "threshold", th, steps,
+                                  attach_diffusers(pipe, lambda th=th: FirstBlockCacheConfig(threshold=th))))
+    for n in plan.taylor_intervals:
+        points.append(bench.point("diffusers TaylorSeer", "cache_interval", n, steps, attach_diffusers(
+            pipe, lambda n=n: TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=3, max_order=1,
+                                                    taylor_factors_dtype=torch.float32))))
+    dit_reason = cache_dit_status()
+    if dit_reason is None:
+        try:
+            for th in plan.dbcache_thresholds:
+                points.append(bench.point("cache-dit DBCache F1B0", "residual_diff_threshold", th, steps,
+                                          attach_cache_dit(pipe, th, steps, warmup=max(1, int(0.2 * steps + 0.5)))))
+        except Exception as exc:  # report, do not hide: the doc says why the row is missing
+            dit_reason = f"cache-dit failed on this pipeline: {type(exc).__name__}: {exc}"
+            print(f"  {dit_reason}", flush=True)
+
+    transfer: list[dict[str, Any]] = []
+    for target in plan.transfer_steps:
+        native = magsdk_calibration(pipe, target, bench.prompts)
+        mapped = _timestep_mapped(calibration, native)
+        for th in plan.transfer_thresholds:
+            row: dict[str, Any] = {"steps": target, "threshold": th}
+            for name, ratios in (("resampled", calibration), ("timestep-mapped", mapped), ("native", native)):
+                p = bench.point(f"magsdk {name} ({steps}->{target})" if name != "native" else f"magsdk native {target}",
+                                "threshold", th, target, attach_magsdk(pipe, ratios, th, *TRANSFER_SERIES))
+                row[name] = p
+            row["psnr_gap_db"] = row["native"].psnr_db - row["resampled"].psnr_db
+            transfer.append(row)
+    return points, transfer, dit_reason
+
+
+def _timestep_mapped(source: magsdk.CalibrationResult, target: magsdk.CalibrationResult) -> dict[str, list[float]]:
+    """The source curves mapped onto the target run's recorded timesteps (no new calibration needed for that)."""
+    out: dict[str, list[float]] = {}
+    for name, branch in source.branches.items():
+        new_t = target.branches[name].timesteps
+        out[name] = magsdk.resample_by_timesteps(branch.norm_ratios, branch.timesteps, new_t)
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------------
+def is_ours(p: Point) -> bool:
+    return p.method.startswith("magsdk") and "->" not in p.method and "native" not in p.method
+
+
+def pareto_rows(points: list[Point]) -> list[str]:
+    """For each peer point faster than uncached: the best magsdk point at least as fast (wall-clock)."""
+    families = {
+        "magsdk, per-branch curves": [p for p in points if is_ours(p) and "per-branch" in p.method],
+        "magsdk (default: shared curve)": [p for p in points if is_ours(p) and "per-branch" not in p.method],
+    }
+    families = {k: v for k, v in families.items() if v}
+    rows = ["| peer point | PSNR @ wall speedup | " + " | ".join(families) + " |",
+            "|---|---|" + "---|" * len(families)]
+    for p in points:
+        if p.method.startswith("magsdk") or p.speedup <= 1.0 or p.computed_calls == p.total_calls:
+            continue  # slower than uncached, or skipped nothing (its "speedup" is timing noise)
+        cells = []
+        for ours in families.values():
+            faster = [q for q in ours if q.speedup >= p.speedup]
+            if not faster:
+                top = max(ours, key=lambda q: q.speedup)
+                cells.append(f"beyond magsdk's fastest ({top.speedup:.2f}x)")
+                continue
+            best = max(faster, key=lambda q: q.psnr_db)
+            verdict = "**not beaten**" if best.psnr_db < p.psnr_db else "beaten"
+            cells.append(f"{verdict}: {best.psnr_db:.2f} dB @ {best.speedup:.2f}x ({best.knob}={best.value:g})")
+        rows.append(f"| {p.method} {p.knob}={p.value:g} | {p.psnr_db:.2f} dB @ {p.speedup:.2f}x | "
+                    + " | ".join(cells) + " |")
+    return rows
+
+
+def render_section(points: list[Point], transfer: list[dict[str, Any]], dit_reason: str | None, meta: dict[str, Any],
+                   plot: str | None) -> str:
+    placeholder = "(findings: written by hand, kept when the tables are regenerated)"
+    lines = [SECTION, "", NOTES_START, placeholder, NOTES_END, ""]
+    lines.append(f"Command: `{meta['command']}` ({meta['seconds']:.0f} s on {meta['machine']}).")
+    lines.append("")
+    lines.append(
+        f"{meta['images']} images ({meta['prompts']} prompts x {meta['seeds']} seeds), {meta['steps']} steps, true CFG "
+        f"{meta['cfg']} (2 transformer calls per step), {meta['size']}x{meta['size']}; uncached run "
+        f"{meta['base_seconds']:.2f} s. Speedup: median over {meta['repeats']} paired rounds (uncached run, then "
+        "cached run) of the time ratio, same process. Calls: transformer calls in which the last block's "
+        "attention ran. PSNR/SSIM: against the uncached images. Accuracy: share of images the digit classifier "
+        "reads as the prompted digit (uncached: "
+        f"{meta['base_accuracy']:.3f})."
+    )
+    lines.append("")
+    lines.append("| method | knob | calls | call speedup | wall speedup | PSNR dB | SSIM | accuracy |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    for p in points:
+        lines.append(f"| {p.method} | {p.knob}={p.value:g} | {p.computed_calls}/{p.total_calls} "
+                     f"| {p.call_speedup:.2f}x | {p.speedup:.2f}x | {p.psnr_db:.2f} | {p.ssim:.4f} "
+                     f"| {p.accuracy:.3f} |")
+    lines.append("")
+    if plot:
+        lines.append(f"![PSNR against speedup]({plot})")
+        lines.append("")
+    lines.append("**Pareto check, wall-clock** (a peer point is beaten when some magsdk point is at least as fast "
+                 "and at least as close to the uncached images; peer points slower than uncached, or that skip "
+                 "nothing, are left out):")
+    lines.append("")
+    lines.extend(pareto_rows(points))
+    lines.append("")
+    if dit_reason:
+        lines.append(f"cache-dit: no rows — {dit_reason}.")
+        lines.append("")
+    if transfer:
+        lines.append("### Step-count transfer")
+        lines.append("")
+        lines.append(f"magsdk calibrated at {meta['steps']} steps, run at other step counts: *resampled* is the "
+                     "runtime's nearest-index resampling (diffusers' and the original's), *timestep-mapped* maps the "
+                     "curve through its recorded timesteps, *native* is a calibration made at the target count. "
+                     "K=3, retention 0.2.")
+        lines.append("")
+        lines.append("| steps | threshold | resampled calls / PSNR | timestep-mapped calls / PSNR "
+                     "| native calls / PSNR | PSNR gap (native - resampled) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|")
+        for row in transfer:
+            cells = [f"{row[k].computed_calls}/{row[k].total_calls} / {row[k].psnr_db:.2f}"
+                     for k in ("resampled", "timestep-mapped", "native")]
+            gap = row["psnr_gap_db"]
+            lines.append(f"| {row['steps']} | {row['threshold']:g} | {' | '.join(cells)} | {gap:+.2f} dB |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) this benchmark's section, leaving the rest of the file byte for byte.
+
+    A hand-written findings block (between ``NOTES_START`` and ``NOTES_END``) in the old section
+    replaces the placeholder of the new one, so re-running the benchmark keeps the analysis.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    start = text.find(SECTION)
+    if start < 0:
+        atomic_write_text(path, text.rstrip("\n") + "\n\n" + section)
+        return
+    nxt = re.search(r"^## ", text[start + len(SECTION):], flags=re.MULTILINE)
+    end = start + len(SECTION) + nxt.start() if nxt else len(text)
+    notes = re.compile(re.escape(NOTES_START) + r".*?" + re.escape(NOTES_END), flags=re.DOTALL)
+    kept = notes.search(text[start:end])
+    if kept is not None:
+        section = notes.sub(lambda _: kept.group(0), section, count=1)
+    atomic_write_text(path, text[:start] + section + ("\n" + text[end:] if nxt else ""))
+
+
+def frontier(points: list[Point], speed: Callable[[Point], float]) -> list[Point]:
+    """The points of one method that no other point of it beats in both speed and PSNR, by speed."""
+    keep = [p for p in points
+            if not any(speed(q) >= speed(p) and q.psnr_db >= p.psnr_db and q is not p
+                       and (speed(q), q.psnr_db) != (speed(p), p.psnr_db) for q in points)]
+    return sorted(keep, key=speed)
+
+
+def plot_points(points: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    methods = list(dict.fromkeys(p.method for p in points))
+    top = 75.0  # identical images are reported as 100 dB; keep the interesting range readable
+    for ax, (label, speed) in zip(axes, (("wall-clock speedup (median of paired rounds)", lambda q: q.speedup),
+                                         ("call speedup (total / computed calls)", lambda q: q.call_speedup)),
+                                  strict=True):
+        for i, method in enumerate(methods):
+            pts = [p for p in points if p.method == method]
+            ours = method.startswith("magsdk")
+            color = plt.get_cmap("tab20")(i % 20)
+            ax.scatter([speed(p) for p in pts], [min(p.psnr_db, top) for p in pts], s=14, color=color, alpha=0.5,
+                       marker="o" if ours else "s")
+            edge = frontier(pts, speed)
+            ax.plot([speed(p) for p in edge], [min(p.psnr_db, top) for p in edge], "-" if ours else "--",
+                    color=color, label=method, linewidth=2.0 if ours else 1.3)
+        ax.axvline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylim(top=top + 2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("PSNR vs uncached (dB)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7.5)
+    fig.suptitle("Reference FluxPipeline (digits, 28 steps, true CFG): quality vs speed; lines join each "
+                 "method's best points")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size: few prompts, one point per peer")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG (default: docs/img/bench-quality.png; none with --quick)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every point as JSON")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 4, quick 1)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="how many of the 10 digit prompts (default 10, quick 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3, quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="steps (default: the reference's, 28)")
+    parser.add_argument("--model", type=Path, default=None, help="a reference-style folder (default: the bundled one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: timings hold up best on a shared machine)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    settings = reference_settings(args.model)
+    steps = args.steps or settings.num_inference_steps
+    n_prompts = args.prompts or (4 if args.quick else 10)
+    seeds = list(range(args.seeds or (1 if args.quick else 4)))
+    repeats = args.repeats or (1 if args.quick else 3)
+    started = time.perf_counter()
+    with quiet():
+        pipe = load_reference_pipeline(args.model)
+        bench = Bench(pipe, DEFAULT_PROMPTS[:n_prompts], seeds, repeats)
+        points, transfer, dit_reason = sweep(bench, QUICK if args.quick else FULL, steps)
+    reference, base_seconds = bench.baseline(steps)
+    plot_path = args.plot
+    if plot_path is None and not args.quick:
+        plot_path = ROOT / "docs" / "img" / "bench-quality.png"
+    plot_ref = None
+    if plot_path is not None:
+        plot_points(points, plot_path)
+        try:
+            plot_ref = str(plot_path.resolve().relative_to(args.out.resolve().parent))
+        except ValueError:
+            plot_ref = str(plot_path)
+    meta = {
+        "command": "python tools/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": time.perf_counter() - started, "machine": f"CPU, {args.threads} threads",
+        "images": len(bench.labels), "prompts": n_prompts, "seeds": len(seeds), "steps": steps,
+        "cfg": settings.true_cfg_scale, "size": settings.height, "base_seconds": base_seconds, "repeats": repeats,
+        "base_accuracy": digit_classifier(settings.height).prompt_accuracy(reference, bench.labels),
+    }
+    section = render_section(points, transfer, dit_reason, meta, plot_ref)
+    write_section(args.out, section)
+    if args.json is not None:
+        rows = [{k: asdict(v) if isinstance(v, Point) else v for k, v in row.items()} for row in transfer]
+        payload = {"meta": meta, "points": [asdict(p) for p in points], "transfer": rows, "cache_dit": dit_reason}
+        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
