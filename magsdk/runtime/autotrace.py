@@ -12,10 +12,9 @@ step tracking, the residual and a calibration like any other computed call.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from magsdk.errors import BlockLayoutError
 from magsdk.inspect.infer import infer_metadata, summary
 from magsdk.inspect.trace import BlockCall, Trace, find_block_containers, make_trace, tracing
 from magsdk.registry import InferredReportRegistry
-from magsdk.runtime.session import CacheSession, HookedBlock
+from magsdk.runtime.session import CacheSession, HookedBlock, wrap_cache_context
 from magsdk.runtime.stats import CallRecord
 
 logger = logging.getLogger("magsdk")
@@ -83,7 +82,7 @@ class _FirstCall:
         self._patch("forward", self._wrap_forward(transformer.forward), restore)
         context = getattr(transformer, "cache_context", None)
         if callable(context):
-            self._patch("cache_context", self._wrap_cache_context(context), restore)
+            self._patch("cache_context", wrap_cache_context(context, self), restore)
 
     def _patch(self, attr: str, value: Any, restore: list[tuple[Any, str, Any]]) -> None:
         previous = self.transformer.__dict__.get(attr, self.absent)
@@ -98,21 +97,6 @@ class _FirstCall:
             else:
                 setattr(self.transformer, attr, previous)
         self._saved.clear()
-
-    def _wrap_cache_context(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        first = self
-
-        @contextlib.contextmanager
-        @functools.wraps(original)
-        def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
-            previous, first.context_name = first.context_name, name
-            try:
-                with original(name, *args, **kwargs):
-                    yield
-            finally:
-                first.context_name = previous
-
-        return cache_context
 
     def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         first = self

@@ -13,7 +13,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -144,7 +144,7 @@ class CacheSession:
         self._patch(self.transformer, "forward", self._wrap_transformer(self.transformer.forward))
         if hasattr(self.transformer, "cache_context"):
             original_context: Callable[..., Any] = self.transformer.cache_context  # type: ignore[assignment]
-            self._patch(self.transformer, "cache_context", self._wrap_cache_context(original_context))
+            self._patch(self.transformer, "cache_context", wrap_cache_context(original_context, self))
         for block in self.blocks:
             self._patch(block.module, "forward", self._wrap_block(block, block.module.forward))
 
@@ -169,21 +169,6 @@ class CacheSession:
         self.tracker.begin_generation()
 
     # -- transformer-level wrapper --------------------------------------------------------------
-    def _wrap_cache_context(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        session = self
-
-        @contextlib.contextmanager
-        @functools.wraps(original)
-        def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
-            previous, session.context_name = session.context_name, name
-            try:
-                with original(name, *args, **kwargs):
-                    yield
-            finally:
-                session.context_name = previous
-
-        return cache_context
-
     def _wrap_transformer(self, original: Callable[..., Any]) -> Callable[..., Any]:
         session = self
 
@@ -342,6 +327,26 @@ class CacheSession:
 
 
 _ABSENT = object()
+
+
+class HasContextName(Protocol):
+    context_name: str | None
+
+
+def wrap_cache_context(original: Callable[..., Any], holder: HasContextName) -> Callable[..., Any]:
+    """Wrap diffusers' ``cache_context(name)`` so that ``holder`` knows the name of the branch in flight."""
+
+    @contextlib.contextmanager
+    @functools.wraps(original)
+    def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+        previous, holder.context_name = holder.context_name, name
+        try:
+            with original(name, *args, **kwargs):
+                yield
+        finally:
+            holder.context_name = previous
+
+    return cache_context
 
 
 def make_curve_provider(
