@@ -234,3 +234,19 @@ def test_runtime_uses_the_entry_calibrated_at_the_runs_step_count() -> None:
             denoise(model, 28, scheduler=scheduler)
             assert handle.stats.skipped_calls == 0  # the 28-step curve never skips
             assert handle.stats.computed_steps() == list(range(28))
+
+
+def test_atomic_write_keeps_the_file_mode(tmp_path):
+    import os
+    import stat
+
+    from magsdk.config import atomic_write_text
+
+    fresh = tmp_path / "fresh.py"
+    atomic_write_text(fresh, "x = 1\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    fresh.chmod(0o640)
+    atomic_write_text(fresh, "x = 2\n")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640 and fresh.read_text() == "x = 2\n"
