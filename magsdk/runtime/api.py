@@ -305,8 +305,7 @@ def _new_session(
         tables = [(e.num_steps, e.branches) for e in strategy.calibrations]
     else:
         resolved_config = config
-        ratios = config.mag_ratios
-        tables = [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
+        tables = _tables_of(config)
     paths: tuple[str, ...] = strategy.block_groups
     if isinstance(metadata, InspectionReport):
         paths = tuple(group.path for group in metadata.block_groups)
@@ -323,9 +322,14 @@ def _new_session(
     )
 
 
-def _curves_of(config: MagCacheConfig) -> CurveProvider | None:
+def _tables_of(config: MagCacheConfig) -> list[tuple[int, dict[str, list[float]]]]:
+    """A config's curves as a one-entry calibration table, keyed by their step count."""
     ratios = config.mag_ratios
-    tables = [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
+    return [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
+
+
+def _curves_of(config: MagCacheConfig) -> CurveProvider | None:
+    tables = _tables_of(config)
     return make_curve_provider(tables, config.per_branch_curves) if tables else None
 
 

@@ -165,7 +165,5 @@ def _replay(
 
 
 def _set_template(block: HookedBlock, call: BlockCall) -> None:
-    if call.output is None:
-        return
-    block.io.verify(call.output)
-    block.io.template = call.output
+    if call.output is not None:
+        block.io.observe(call.output)

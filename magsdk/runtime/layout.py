@@ -121,6 +121,12 @@ class BlockIO:
                 raise self._mismatch(output, "(no element at return_encoder_hidden_states_index)")
         self.verified = True
 
+    def observe(self, output: Any) -> None:
+        """First real output: check it against the metadata and keep it as the container template."""
+        if not self.verified:
+            self.verify(output)
+            self.template = output
+
     def passthrough(self, hidden: torch.Tensor, encoder: Any) -> Any:
         """The output this block would give if it were the identity: used on skipped steps."""
         meta = self.metadata

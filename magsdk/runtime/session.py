@@ -246,9 +246,8 @@ class CacheSession:
                 call = session.active
                 if call is None or not call.skip:
                     output = original(*args, **kwargs)
-                    if not io.verified and call is not None:
-                        io.verify(output)
-                        io.template = output
+                    if call is not None:
+                        io.observe(output)
                     return output
                 return io.passthrough(io.read_hidden(args, kwargs), io.read_encoder(args, kwargs))
 
@@ -270,9 +269,7 @@ class CacheSession:
             elif call.skip:
                 return io.passthrough(io.read_hidden(args, kwargs), io.read_encoder(args, kwargs))
             output = original(*args, **kwargs)
-            if not io.verified:
-                io.verify(output)
-            io.template = output
+            io.observe(output)  # once: a template per call would pin the last outputs in memory
             if is_tail:
                 session._store_residual(call, io, output)
             return output
