@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_BRANCH = "default"
 
 OutputKind = Literal["tensor", "tuple", "list", "dict", "dataclass"]
+ResampleMode = Literal["auto", "timesteps", "index"]
 FusedOrder = Literal["text_image", "image_text"]
 
 
@@ -71,6 +72,33 @@ class BlockMetadata(BaseModel):
         return self
 
 
+class ScheduleInfo(BaseModel):
+    """The denoising schedule a calibration was measured on, so its curve can be mapped onto others.
+
+    ``timesteps`` are the scheduler's (one per step of the run, from the pipeline's begin index);
+    ``set_timesteps`` holds the non-list arguments the pipeline passed (e.g. ``mu`` for dynamic
+    shifting) and ``input_sigmas`` the sigmas it passed, if any, before the scheduler shifted them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    timesteps: list[float]
+    sigmas: list[float] | None = None
+    scheduler: str | None = None
+    #: The scheduler config values that shape the schedule (shift, dynamic shifting, terminal shift, ...).
+    config: dict[str, Any] = Field(default_factory=dict)
+    set_timesteps: dict[str, Any] = Field(default_factory=dict)
+    input_sigmas: list[float] | None = None
+    #: Image tokens the transformer's first block saw (the resolution, in the model's own units).
+    image_tokens: int | None = None
+    resolution: str | None = None
+    note: str | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
 class BranchCalibration(BaseModel):
     """One branch's per-step measurements (index i = step i)."""
 
@@ -105,6 +133,8 @@ class CalibrationResult(BaseModel):
     scheduler: str | None = None
     synthetic: bool = False
     info: dict[str, Any] = Field(default_factory=dict)
+    #: The schedule the calibration ran on (absent when no scheduler was attached).
+    schedule: ScheduleInfo | None = None
 
     @model_validator(mode="after")
     def _fill_num_steps(self) -> CalibrationResult:
@@ -114,6 +144,13 @@ class CalibrationResult(BaseModel):
 
     def curves(self) -> dict[str, list[float]]:
         return {name: list(b.norm_ratios) for name, b in self.branches.items()}
+
+    def argument_timesteps(self) -> list[float] | None:
+        """The transformer's timestep argument per step (the first branch that recorded them all)."""
+        for branch in self.branches.values():
+            if branch.timesteps and all(t is not None for t in branch.timesteps):
+                return [float(t) for t in branch.timesteps if t is not None]
+        return None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         target = Path(path)
@@ -144,6 +181,25 @@ class MagCacheConfig(BaseModel):
     #: False (default): all branches of a step follow the mean curve and skip together, so true CFG
     #: never mixes a fresh prediction with a stale one. True: each branch follows its own curve.
     per_branch_curves: bool = False
+    #: How a curve is mapped onto a run's schedule: ``"auto"`` through the recorded timesteps when the
+    #: curve has them (else by index), ``"timesteps"`` the same but an error when it cannot,
+    #: ``"index"`` nearest-index resampling (the original's and diffusers' rule; parity mode).
+    resample: ResampleMode = "auto"
+    #: The transformer's timestep argument at each step of the curve (filled from a CalibrationResult).
+    timesteps: list[float] | None = None
+    #: The schedule the curve was measured on (filled from a CalibrationResult).
+    schedule: ScheduleInfo | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unpack_calibration(cls, data: Any) -> Any:
+        """A CalibrationResult brings its timesteps and schedule along, so its curve can be mapped."""
+        if isinstance(data, dict) and isinstance(data.get("mag_ratios"), CalibrationResult):
+            result = data["mag_ratios"]
+            data = dict(data)
+            data.setdefault("timesteps", result.argument_timesteps())
+            data.setdefault("schedule", result.schedule)
+        return data
 
     @field_validator("mag_ratios", mode="before")
     @classmethod
@@ -198,6 +254,8 @@ class CalibrationEntry(BaseModel):
     num_seeds: int | None = None
     diffusers_version: str | None = None
     synthetic: bool = False
+    #: The schedule the curve was measured on (scheduler timesteps, shift, resolution); absent in old entries.
+    schedule: ScheduleInfo | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CalibrationEntry:

@@ -1,8 +1,9 @@
-"""Curve maths: resampling a ratio curve to a run's step count, and the skip decision.
+"""The skip decision, and the whole skip schedule of a run before it starts.
 
-The skip decision reads only the precomputed curve, so the whole schedule is a pure function
-of (curve, settings, step count): ``plan``. The runtime calls the very same ``decide`` step by
-step, so a plan printed before a run is exactly what the run does.
+The decision reads only the precomputed curve, so the schedule is a pure function of (curve,
+settings, run schedule): ``plan``. The runtime asks the very same ``BranchSchedule`` call by
+call, and both get their curve from ``CurveSource.curve_for`` — so a plan printed before a run
+is exactly what the run does, for every branch, mapping mode and budget.
 
 Arithmetic is done in float32 on purpose: diffusers 0.42.1 keeps its curve in a float32 tensor
 and accumulates in float32, and parity means the same decision at every threshold boundary.
@@ -16,49 +17,41 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from magsdk.config import DEFAULT_BRANCH, CalibrationEntry, MagCacheConfig
+from magsdk.config import DEFAULT_BRANCH, CalibrationEntry, CalibrationResult, MagCacheConfig
+from magsdk.curves import (
+    CurveSource,
+    MappedCurve,
+    RunSchedule,
+    resample_nearest,
+    retention_steps,
+    select_branch_curve,
+)
 
 _F32 = np.float32
 
-
-def resample_nearest(curve: Sequence[float], num_steps: int) -> list[float]:
-    """Nearest-index resampling, ``idx = round(arange(n) * (L-1)/(n-1))`` (the original's and diffusers')."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    length = len(curve)
-    if length == num_steps:
-        return [float(v) for v in curve]
-    if num_steps == 1:
-        return [float(curve[-1])]
-    scale = (length - 1) / (num_steps - 1)
-    grid = np.arange(num_steps, dtype=np.float32) * np.float32(scale)
-    indices = np.round(grid).astype(np.int64)
-    return [float(curve[i]) for i in indices]
+__all__ = [
+    "FRESH",
+    "Accumulator",
+    "BranchSchedule",
+    "SkipPlan",
+    "decide",
+    "plan",
+    "plan_source",
+    "resample_by_timesteps",
+    "resample_nearest",
+    "retention_steps",
+    "select_branch_curve",
+    "select_calibration",
+]
 
 
 def resample_by_timesteps(
     curve: Sequence[float], timesteps: Sequence[float], new_timesteps: Sequence[float]
 ) -> list[float]:
-    """Map a curve onto another schedule through its recorded timesteps.
+    """Map a curve onto another schedule through its recorded timesteps (see ``magsdk.curves.TimestepMap``)."""
+    from magsdk.curves import TimestepMap
 
-    The product of ratios between two steps is the growth of ‖r‖ between their timesteps, so the
-    cumulative log-ratio is interpolated as a function of the timestep and differenced between
-    consecutive timesteps of the new schedule. The first value stays 1.0.
-    """
-    if len(curve) != len(timesteps):
-        raise ValueError(f"curve has {len(curve)} values but {len(timesteps)} timesteps")
-    src_t = np.asarray(timesteps, dtype=np.float64)
-    cum = np.cumsum(np.log(np.asarray(curve, dtype=np.float64)))
-    order = np.argsort(src_t)
-    new_t = np.asarray(new_timesteps, dtype=np.float64)
-    new_cum = np.interp(new_t, src_t[order], cum[order])
-    out = np.exp(np.diff(new_cum))
-    return [1.0, *(float(v) for v in out)]
-
-
-def retention_steps(retention_ratio: float, num_steps: int) -> int:
-    """Steps at the start that are always computed (diffusers rounds half up)."""
-    return int(retention_ratio * num_steps + 0.5)
+    return TimestepMap(curve, timesteps).map(new_timesteps)
 
 
 @dataclass(frozen=True)
@@ -74,23 +67,43 @@ FRESH = Accumulator()
 
 
 def decide(
-    acc: Accumulator,
-    step: int,
-    curve: Sequence[float],
-    config: MagCacheConfig,
-    num_steps: int,
-    has_residual: bool,
+    acc: Accumulator, scale: float, retained: bool, config: MagCacheConfig, has_residual: bool
 ) -> tuple[bool, Accumulator]:
-    """Return ``(skip, next_accumulator)`` for one call of one branch at ``step``."""
-    if config.calibrate or step < retention_steps(config.retention_ratio, num_steps):
+    """Return ``(skip, next_accumulator)`` for one call of one branch whose step has ratio ``scale``."""
+    if config.calibrate or retained:
         return False, acc
-    scale = _F32(curve[step]) if step < len(curve) else _F32(1.0)
-    ratio = _F32(acc.ratio) * scale
+    ratio = _F32(acc.ratio) * _F32(scale)
     steps = acc.steps + 1
     err = _F32(acc.err) + abs(_F32(1.0) - ratio)
     if has_residual and err <= config.threshold and steps <= config.max_skip_steps:
         return True, Accumulator(float(ratio), steps, float(err))
     return False, FRESH
+
+
+class BranchSchedule:
+    """One branch's decisions in one run: the curve it follows and its running accumulator."""
+
+    def __init__(self, curve: MappedCurve, config: MagCacheConfig) -> None:
+        self.curve = curve
+        self.config = config
+        self.acc = FRESH
+        self._previous_t: float | None = None
+
+    def should_skip(self, step: int, timestep: float | None, has_residual: bool) -> bool:
+        """Decide one call (and advance the accumulator). ``timestep`` is needed only for online curves."""
+        curve = self.curve
+        if curve.values is not None:
+            scale = curve.values[step] if step < len(curve.values) else 1.0
+            retained = curve.retention_steps is not None and step < curve.retention_steps
+        else:
+            online = curve.online
+            if online is None or timestep is None:
+                return False  # nothing to map with: compute
+            scale = online.curve[0] if self._previous_t is None else online.ratio(self._previous_t, timestep)
+            retained = online.retained(timestep, curve.retention_index)
+            self._previous_t = timestep
+        skip, self.acc = decide(self.acc, scale, retained, self.config, has_residual)
+        return skip
 
 
 class SkipPlan(BaseModel):
@@ -105,6 +118,11 @@ class SkipPlan(BaseModel):
     computed_steps: list[int]
     skipped_steps: list[int]
     curve: list[float]
+    branch: str = DEFAULT_BRANCH
+    #: How the branch's curve was obtained for this run (calibration chosen, mapping applied).
+    mapping: str = ""
+    #: Timesteps of the run that lie outside the calibrated range (the curve is flat there).
+    out_of_range: list[float] = []
 
     @property
     def ideal_speedup(self) -> float:
@@ -116,30 +134,66 @@ class SkipPlan(BaseModel):
         return "".join("." if i in skipped else "C" for i in range(self.num_steps))
 
 
+RatiosLike = Sequence[float] | Mapping[str, Sequence[float]] | CalibrationResult | MagCacheConfig
+
+
 def plan(
-    mag_ratios: Sequence[float] | MagCacheConfig | Mapping[str, Sequence[float]] | None,
+    mag_ratios: RatiosLike | None,
     config: MagCacheConfig,
     num_steps: int,
     branch: str = DEFAULT_BRANCH,
+    *,
+    position: int = 0,
+    timesteps: Sequence[float] | None = None,
+    module: str = "transformer",
 ) -> SkipPlan:
-    """Which steps compute and which skip, for a curve resampled to ``num_steps``."""
+    """Which steps of ``branch`` compute and which skip in a ``num_steps`` run.
+
+    ``mag_ratios`` takes every form ``MagCacheConfig.mag_ratios`` takes (``None``: the config's).
+    ``timesteps`` are the run's timesteps in the units the calibration recorded (the scheduler's
+    when it has a schedule); given, the curve is mapped through them as the runtime would.
+    """
+    if isinstance(mag_ratios, MagCacheConfig):
+        config, mag_ratios = mag_ratios, None
+    if mag_ratios is not None:
+        values = config.model_dump(exclude={"mag_ratios", "timesteps", "schedule", "calibrate"})
+        config = MagCacheConfig(**values, mag_ratios=mag_ratios)
+    source = CurveSource.from_config(config)
+    if source is None:
+        raise ValueError("plan() needs a curve: pass mag_ratios or a config that has them")
+    return plan_source(source, config, num_steps, branch, position=position, timesteps=timesteps, module=module)
+
+
+def plan_source(
+    source: CurveSource,
+    config: MagCacheConfig,
+    num_steps: int,
+    branch: str = DEFAULT_BRANCH,
+    *,
+    position: int = 0,
+    timesteps: Sequence[float] | None = None,
+    module: str = "transformer",
+) -> SkipPlan:
+    """``plan`` for a curve source with several calibrations (a strategy's), exactly as the runtime."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if mag_ratios is None:
-        mag_ratios = config.mag_ratios
-    if isinstance(mag_ratios, MagCacheConfig):
-        mag_ratios = mag_ratios.mag_ratios
-    if mag_ratios is None:
-        raise ValueError("plan() needs a curve: pass mag_ratios or a config that has them")
-    raw = select_branch_curve(mag_ratios, branch) if isinstance(mag_ratios, Mapping) else mag_ratios
-    curve = resample_nearest(raw, num_steps)
-    acc, has_residual = FRESH, False
+    if timesteps is not None and len(timesteps) != num_steps:
+        raise ValueError(f"{len(timesteps)} timesteps given for a {num_steps}-step run")
+    mapped = source.curve_for(branch, position, RunSchedule.of(num_steps, timesteps), module)
+    if mapped.values is None and timesteps is not None:
+        # the calibration has timesteps of the transformer's argument only: simulate the online mapping
+        stamps: list[float | None] = [float(t) for t in timesteps]
+    else:
+        stamps = [None] * num_steps
+    schedule = BranchSchedule(mapped, config)
     computed: list[int] = []
     skipped: list[int] = []
+    has_residual = False
     for step in range(num_steps):
-        skip, acc = decide(acc, step, curve, config, num_steps, has_residual)
+        skip = schedule.should_skip(step, stamps[step], has_residual)
         (skipped if skip else computed).append(step)
         has_residual = has_residual or not skip
+    curve = mapped.values if mapped.values is not None else []
     return SkipPlan(
         num_steps=num_steps,
         threshold=config.threshold,
@@ -148,21 +202,10 @@ def plan(
         computed_steps=computed,
         skipped_steps=skipped,
         curve=curve,
+        branch=branch,
+        mapping=mapped.how,
+        out_of_range=list(mapped.out_of_range),
     )
-
-
-def select_branch_curve(
-    curves: Mapping[str, Sequence[float]], branch: str, position: int | None = None
-) -> list[float]:
-    """Pick a branch's curve: exact name, then ``default``, then the curve at the same position."""
-    if branch in curves:
-        return list(curves[branch])
-    if DEFAULT_BRANCH in curves:
-        return list(curves[DEFAULT_BRANCH])
-    names = list(curves)
-    if position is not None and position < len(names):
-        return list(curves[names[position]])
-    return list(curves[names[0]])
 
 
 def select_calibration(entries: Sequence[CalibrationEntry], num_steps: int | None) -> CalibrationEntry:

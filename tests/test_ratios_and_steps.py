@@ -64,29 +64,29 @@ def test_calibration_entry_rejects_length_mismatch():
 
 def test_tracker_branches_steps_and_generations():
     tracker = StepTracker()
-    seen = [tracker.observe(t, None) for t in (1.0, 1.0, 0.5, 0.5, 0.1, 0.1)]
+    seen = [tracker.observe_timestep(t, None) for t in (1.0, 1.0, 0.5, 0.5, 0.1, 0.1)]
     assert [(p.step, p.branch) for p in seen] == [(0, "pass0"), (0, "pass1"), (1, "pass0"), (1, "pass1"),
                                                   (2, "pass0"), (2, "pass1")]
-    again = tracker.observe(1.0, None)  # the timestep went back up: a new generation
+    again = tracker.observe_timestep(1.0, None)  # the timestep went back up: a new generation
     assert again.new_generation and again.generation == 1 and again.step == 0
 
 
 def test_tracker_ascending_schedules_and_context_names():
     tracker = StepTracker()
-    names = [tracker.observe(t, c) for t, c in ((0.0, "cond"), (0.0, "uncond"), (0.3, "cond"), (0.6, "cond"))]
+    names = [tracker.observe_timestep(t, c) for t, c in ((0.0, "cond"), (0.0, "uncond"), (0.3, "cond"), (0.6, "cond"))]
     assert [(p.step, p.branch) for p in names] == [(0, "cond"), (0, "uncond"), (1, "cond"), (2, "cond")]
-    assert tracker.observe(0.1, "cond").new_generation  # against the schedule's direction
+    assert tracker.observe_timestep(0.1, "cond").new_generation  # against the schedule's direction
 
 
 def test_tracker_known_step_count_starts_a_new_generation():
     tracker = StepTracker(fixed_num_steps=2)
-    positions = [tracker.observe(t, None) for t in (0.9, 0.8, 0.7)]
+    positions = [tracker.observe_timestep(t, None) for t in (0.9, 0.8, 0.7)]
     assert [p.generation for p in positions] == [0, 0, 1]
 
 
 def test_tracker_without_timesteps_counts_calls_per_branch():
     tracker = StepTracker()
-    steps = [tracker.observe(None, c).step for c in ("cond", "uncond", "cond", "uncond")]
+    steps = [tracker.observe_timestep(None, c).step for c in ("cond", "uncond", "cond", "uncond")]
     assert steps == [0, 0, 1, 1]
 
 

@@ -66,7 +66,7 @@ def flux_inputs(model: torch.nn.Module, batch: int = 1, side: int = 4, text: int
 
 def denoise(model: torch.nn.Module, steps: int, *, cfg: bool = False, named_contexts: bool = False,
             side: int = 4, seed: int = 0, guidance_scale: float = 3.0, raise_at: int | None = None,
-            scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> torch.Tensor:
+            scheduler: FlowMatchEulerDiscreteScheduler | None = None, text: int = 6) -> torch.Tensor:
     """Run one generation with FlowMatchEulerDiscreteScheduler; returns the final latents.
 
     ``cfg`` calls the transformer twice per step (cond, then uncond) as diffusers' true-CFG
@@ -77,7 +77,7 @@ def denoise(model: torch.nn.Module, steps: int, *, cfg: bool = False, named_cont
     channels = model.config.in_channels
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, side * side, channels, generator=g)
-    cond = flux_inputs(model, side=side, seed=seed + 1)
+    cond = flux_inputs(model, side=side, text=text, seed=seed + 1)
     uncond = dict(cond, encoder_hidden_states=torch.zeros_like(cond["encoder_hidden_states"]))
 
     def context(name: str) -> contextlib.AbstractContextManager[Any]:

@@ -27,6 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from magsdk.errors import UsageError
+from magsdk.patching import Patches
 
 SlotKey = int | str | None
 """Where a value sits in a block's output: tuple/list index, dict key / dataclass field, or None (bare tensor)."""
@@ -34,7 +35,6 @@ SlotKey = int | str | None
 Keep = Literal["all", "edges"]
 ArgForm = Literal["positional", "keyword", "varargs", "varkw", "default"]
 
-_ABSENT = object()
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 #: Torch functions that read metadata only: they neither consume a tensor's values nor make one.
 _METADATA_FUNCTIONS = frozenset(
@@ -356,7 +356,7 @@ class BlockTracer:
         self.keep = keep
         self.calls: list[BlockCall] = []
         self._frames: list[_Frame] = []
-        self._saved: list[tuple[torch.nn.Module, Any]] = []
+        self._patches = Patches("magsdk block tracing")
         self._last_of_group: dict[str, BlockCall] = {}
         self._first_of_group: set[int] = set()
         self._signatures: dict[type, inspect.Signature | None] = {}
@@ -402,8 +402,7 @@ class BlockTracer:
                     if id(block) in seen:
                         continue
                     seen.add(id(block))
-                    self._saved.append((block, block.__dict__.get("forward", _ABSENT)))
-                    block.forward = self._wrap(container.path, index, block, block.forward)
+                    self._patches.patch(block, "forward", self._wrap(container.path, index, block, block.forward))
         except BaseException:
             self._restore()
             raise
@@ -414,12 +413,7 @@ class BlockTracer:
         self._frames.clear()
 
     def _restore(self) -> None:
-        for block, previous in reversed(self._saved):
-            if previous is _ABSENT:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = previous
-        self._saved.clear()
+        self._patches.restore()
 
     def _wrap(self, group: str, index: int, block: torch.nn.Module, original: Any) -> Any:
         tracer = self

@@ -126,6 +126,8 @@ def build_pipeline(seed: int = 0, sizes: PipelineSizes | None = None, extra_word
         axes_dims_rope=(rope, rope, s.head_dim - 2 * rope),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    for module in (vae, text_encoder, text_encoder_2, transformer):
+        module.eval()  # as from_pretrained gives them: no dropout, so generations are reproducible
     return FluxPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
         text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer,

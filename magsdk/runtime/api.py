@@ -4,32 +4,33 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 
 from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, MagCacheConfig
+from magsdk.curves import CurveSource
 from magsdk.errors import BlockLayoutError, UsageError
-from magsdk.ratios import SkipPlan, plan
+from magsdk.patching import Patches
+from magsdk.ratios import SkipPlan, plan_source
 from magsdk.registry import StrategyRegistry
-from magsdk.runtime.session import CacheSession, CurveProvider, make_curve_provider
-from magsdk.runtime.stats import CacheStats
+from magsdk.runtime.session import CacheSession, eager, schedule_info
+from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.runtime.steps import scheduler_probe
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
 
 _SESSION_ATTR = "_magsdk_session"
-_ABSENT = object()
 
 MetadataSource = InspectionReport | Mapping[str, BlockMetadata]
 StrategySource = MagCacheStrategy | type[MagCacheStrategy] | str
 
 
 class MagCacheHandle:
-    """What ``enable`` returns: statistics, ``disable()``, and a context manager that disables on exit."""
+    """What ``enable`` returns: statistics, ``plan``, ``disable()``, and a context manager that disables on exit."""
 
     def __init__(
         self,
@@ -37,40 +38,57 @@ class MagCacheHandle:
         stats: CacheStats,
         config: MagCacheConfig,
         strategy: MagCacheStrategy,
-        restore: list[tuple[Any, str, Any]],
+        patches: Patches,
+        curves: CurveSource | None,
     ) -> None:
         self.sessions = sessions
         self.stats = stats
         self.config = config
         self.strategy = strategy
-        self._restore = restore
+        self.curves = curves
+        self._patches = patches
         self.active = True
         self.scheduler: Any = None
+        #: First-call tracers still waiting (``enable`` on a transformer nobody described).
+        self.pending: list[Any] = []
+        #: Non-list arguments of the last ``set_timesteps`` call (e.g. ``mu``), and the sigmas passed.
+        self.set_timesteps_kwargs: dict[str, Any] = {}
 
     @property
     def blocks(self) -> list[str]:
         """Paths of the hooked blocks, with their role (head, tail, middle)."""
-        return [f"{b.path} ({b.role})" for s in self.sessions for b in s.blocks]
+        return [f"{path} ({role})" for s in self.sessions for path, role in s.blocks]
 
-    def plan(self, num_steps: int, branch: str = "default") -> SkipPlan:
-        """The schedule this handle will follow for a ``num_steps`` run of ``branch``."""
-        curves = self.sessions[0].curves if self.sessions else _curves_of(self.config)
-        if curves is None:
+    def plan(
+        self,
+        num_steps: int,
+        branch: str = "default",
+        *,
+        position: int = 0,
+        timesteps: Sequence[float] | None = None,
+        module: str = "transformer",
+    ) -> SkipPlan:
+        """The schedule this handle follows for a ``num_steps`` run of ``branch`` (the runtime's own rule)."""
+        if self.curves is None:
             raise UsageError("a calibration handle does not skip; it has no plan")
-        curve = curves(branch, 0, num_steps)
-        return plan(curve, self.config, num_steps)
+        return plan_source(
+            self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module
+        )
 
     def reset(self) -> None:
         for session in self.sessions:
             session.reset()
 
     def disable(self) -> None:
+        """Remove every hook and drop every cached tensor; statistics and results stay readable."""
         if not self.active:
             return
+        for tracer in self.pending:
+            tracer.cancel()
         for session in self.sessions:
             session.detach()
-            session.transformer.__dict__.pop(_SESSION_ATTR, None)
-        _undo(self._restore)
+        self._patches.restore()
+        self.sessions.clear()
         self.active = False
 
     def __enter__(self) -> MagCacheHandle:
@@ -107,6 +125,11 @@ class CalibrationHandle(MagCacheHandle):
         result.num_steps = max(len(b.norm_ratios) for b in result.branches.values())
         if self.scheduler is not None:
             result.scheduler = type(self.scheduler).__name__
+            first = self.sessions[0]
+            if first.calibrated_schedule:
+                result.schedule = schedule_info(
+                    first.calibrated_schedule, self.scheduler, self.set_timesteps_kwargs, first.image_tokens
+                )
         return result
 
 
@@ -117,13 +140,15 @@ def enable(
     strategy: StrategySource | None = None,
     metadata: MetadataSource | None = None,
     scheduler: Any = None,
+    keep_generations: int = DEFAULT_KEEP_GENERATIONS,
 ) -> MagCacheHandle:
     """Attach MagCache to a pipeline (anything with ``.transformer``) or a transformer module.
 
     With no config and no strategy, the strategy registered for the transformer's class is used.
-    Enabling twice replaces the first session (never stacks hooks).
+    Enabling twice replaces the first session (never stacks hooks). ``keep_generations`` bounds the
+    per-call records in ``handle.stats`` (counters cover every generation).
     """
-    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle)
+    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations)
 
 
 def calibrate(
@@ -134,20 +159,27 @@ def calibrate(
     scheduler: Any = None,
 ) -> CalibrationHandle:
     """Record norm ratios, stds, cosine distances and timesteps per branch and step; never skips."""
-    handle = _attach(target, MagCacheConfig(calibrate=True), strategy, metadata, scheduler, CalibrationHandle)
+    config = MagCacheConfig(calibrate=True)
+    handle = _attach(target, config, strategy, metadata, scheduler, CalibrationHandle, DEFAULT_KEEP_GENERATIONS)
     assert isinstance(handle, CalibrationHandle)
     return handle
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile(module)`` wraps, so that the cache attaches to the real transformer."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else module
+
+
 def _transformers_of(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
     if isinstance(target, torch.nn.Module) and not hasattr(target, "transformer"):
-        return [("transformer", target)], None
+        return [("transformer", unwrap_compiled(target))], None
     found = []
     for name in ("transformer", "transformer_2"):
         module = getattr(target, name, None)
         if isinstance(module, torch.nn.Module):
-            found.append((name, module))
+            found.append((name, unwrap_compiled(module)))
     if not found:
         raise UsageError(
             f"magsdk.enable() needs a diffusers pipeline with a `.transformer` or a transformer nn.Module; "
@@ -240,14 +272,17 @@ def _attach(
     metadata: MetadataSource | None,
     scheduler: Any,
     handle_cls: type[MagCacheHandle],
+    keep_generations: int,
 ) -> MagCacheHandle:
     transformers, pipe_scheduler = _transformers_of(target)
     scheduler = scheduler if scheduler is not None else pipe_scheduler
-    stats = CacheStats()
+    stats = CacheStats(keep_generations=keep_generations)
     sessions: list[CacheSession] = []
-    restore: list[tuple[Any, str, Any]] = []
+    patches = Patches("magsdk.enable")
+    pending: list[Any] = []  # first-call tracers waiting for their call
     strategy: MagCacheStrategy | None = None
     resolved_config: MagCacheConfig | None = None
+    curves: CurveSource | None = None
     try:
         for name, transformer in transformers:
             previous = transformer.__dict__.get(_SESSION_ATTR)
@@ -263,58 +298,69 @@ def _attach(
                 meta = autotrace.known_report(transformer)
                 if meta is None:
                     strategy, resolved_config = MagCacheStrategy(), config
+                    curves = CurveSource.from_config(config)
                     factory = functools.partial(
-                        _new_session, transformer, name, strategy, config, stats=stats, scheduler=scheduler
+                        _new_session, transformer, name, strategy, config, curves, stats=stats, scheduler=scheduler
                     )
-                    autotrace.trace_first_call(transformer, factory, sessions, restore, _ABSENT)
+                    autotrace.trace_first_call(transformer, factory, sessions, pending)
                     continue
             strategy = _resolve_strategy(transformer, strategy_source, meta)
-            session = _new_session(transformer, name, strategy, config, meta, stats=stats, scheduler=scheduler)
-            resolved_config = session.config
+            resolved_config, curves = _config_and_curves(strategy, config)
+            session = _new_session(
+                transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler
+            )
             sessions.append(session)
     except BaseException:
         for session in sessions:
             session.detach()
-        _undo(restore)
+        for tracer in pending:
+            tracer.cancel()
+        patches.restore()
         raise
     assert strategy is not None and resolved_config is not None
-    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
-        restore.append((scheduler, "set_timesteps", scheduler.__dict__.get("set_timesteps", _ABSENT)))
-        scheduler.set_timesteps = _new_generation_on(scheduler.set_timesteps, sessions)
-    handle = handle_cls(sessions, stats, resolved_config, strategy, restore)
+    handle = handle_cls(sessions, stats, resolved_config, strategy, patches, curves)
+    handle.pending = pending
     handle.scheduler = scheduler
+    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+        patches.patch(scheduler, "set_timesteps", _new_generation_on(scheduler.set_timesteps, handle))
     for _, transformer in transformers:
-        transformer.__dict__[_SESSION_ATTR] = handle
-        restore.append((transformer, _SESSION_ATTR, _ABSENT))
+        patches.set_value(transformer, _SESSION_ATTR, handle)
     logger.info("magsdk: MagCache on %s", ", ".join(handle.blocks[:1] + handle.blocks[-1:]))
     return handle
+
+
+def _config_and_curves(
+    strategy: MagCacheStrategy, config: MagCacheConfig | None
+) -> tuple[MagCacheConfig, CurveSource | None]:
+    """The settings a session runs with, and every calibration it may choose a curve from."""
+    if config is None:
+        resolved = strategy.default_config()
+        return resolved, (CurveSource.from_entries(strategy.calibrations, resolved) if strategy.calibrations else None)
+    return config, CurveSource.from_config(config)
 
 
 def _new_session(
     transformer: torch.nn.Module,
     name: str,
     strategy: MagCacheStrategy,
-    config: MagCacheConfig | None,
+    config: MagCacheConfig,
+    curves: CurveSource | None,
     metadata: MetadataSource | None,
     *,
     stats: CacheStats,
     scheduler: Any,
 ) -> CacheSession:
-    if config is None:
-        resolved_config = strategy.default_config()
-        tables = [(e.num_steps, e.branches) for e in strategy.calibrations]
-    else:
-        resolved_config = config
-        tables = _tables_of(config)
     paths: tuple[str, ...] = strategy.block_groups
     if isinstance(metadata, InspectionReport):
         paths = tuple(group.path for group in metadata.block_groups)
     blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
+    if curves is None and not config.calibrate:
+        raise BlockLayoutError(f"{type(transformer).__name__}: no curve to decide with; pass mag_ratios")
     return CacheSession(
         transformer,
         blocks,
-        resolved_config,
-        make_curve_provider(tables, resolved_config.per_branch_curves) if tables else None,
+        config,
+        curves,
         strategy,
         stats,
         name=name,
@@ -322,34 +368,19 @@ def _new_session(
     )
 
 
-def _tables_of(config: MagCacheConfig) -> list[tuple[int, dict[str, list[float]]]]:
-    """A config's curves as a one-entry calibration table, keyed by their step count."""
-    ratios = config.mag_ratios
-    return [(max(len(c) for c in ratios.values()), ratios)] if ratios else []
-
-
-def _curves_of(config: MagCacheConfig) -> CurveProvider | None:
-    tables = _tables_of(config)
-    return make_curve_provider(tables, config.per_branch_curves) if tables else None
-
-
-def _undo(restore: list[tuple[Any, str, Any]]) -> None:
-    """Put back every patched attribute, last patched first."""
-    for obj, attr, previous in reversed(restore):
-        if previous is _ABSENT:
-            obj.__dict__.pop(attr, None)
-        else:
-            setattr(obj, attr, previous)
-    restore.clear()
-
-
-def _new_generation_on(set_timesteps: Any, sessions: list[CacheSession]) -> Any:
+def _new_generation_on(set_timesteps: Any, handle: MagCacheHandle) -> Any:
     """A pipeline that sets new timesteps is starting a generation: say so to every session."""
 
     @functools.wraps(set_timesteps)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for session in sessions:
-            session.reset()
+        _start_generation(handle, kwargs)
         return set_timesteps(*args, **kwargs)
 
     return wrapper
+
+
+@eager
+def _start_generation(handle: MagCacheHandle, kwargs: dict[str, Any]) -> None:
+    for session in handle.sessions:
+        session.reset()
+    handle.set_timesteps_kwargs = {k: v for k, v in kwargs.items() if k in ("mu", "sigmas")}

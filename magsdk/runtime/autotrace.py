@@ -23,9 +23,9 @@ from magsdk.config import InspectionReport
 from magsdk.errors import BlockLayoutError
 from magsdk.inspect.infer import infer_metadata, summary
 from magsdk.inspect.trace import BlockCall, Trace, find_block_containers, make_trace, tracing
+from magsdk.patching import Patches
 from magsdk.registry import InferredReportRegistry
-from magsdk.runtime.session import CacheSession, HookedBlock, wrap_cache_context
-from magsdk.runtime.stats import CallRecord
+from magsdk.runtime.session import CacheSession, eager, wrap_cache_context
 
 logger = logging.getLogger("magsdk")
 
@@ -46,67 +46,53 @@ def trace_first_call(
     transformer: torch.nn.Module,
     make_session: SessionFactory,
     sessions: list[CacheSession],
-    restore: list[tuple[Any, str, Any]],
-    absent: object,
+    pending: list[FirstCall],
 ) -> None:
     """Wrap ``transformer.forward`` so that its first call infers the metadata and attaches a session.
 
-    ``sessions`` and ``restore`` are the handle's own lists: the new session is appended to the
-    first, and the patches made here are recorded in the second (``absent`` marking an attribute
-    the instance did not have) so that ``disable()`` removes them even if no call ever came.
+    ``sessions`` is the handle's list: the new session is appended to it. The waiting wrapper is
+    appended to ``pending`` so that ``disable()`` removes it even if no call ever came.
     """
     if not find_block_containers(transformer):
         raise BlockLayoutError(
             f"{type(transformer).__name__} has no strategy and holds no list of repeated blocks (nn.ModuleList / "
             "nn.Sequential of one block class) to trace; pass metadata= or a strategy= to magsdk.enable()"
         )
-    _FirstCall(transformer, make_session, sessions, restore, absent)
+    pending.append(FirstCall(transformer, make_session, sessions))
 
 
-class _FirstCall:
+class FirstCall:
+    """The transformer's ``forward`` until its first call: trace it, infer, attach the real session."""
+
     def __init__(
-        self,
-        transformer: torch.nn.Module,
-        make_session: SessionFactory,
-        sessions: list[CacheSession],
-        restore: list[tuple[Any, str, Any]],
-        absent: object,
+        self, transformer: torch.nn.Module, make_session: SessionFactory, sessions: list[CacheSession]
     ) -> None:
         self.transformer = transformer
-        self.absent = absent
         self.make_session = make_session
         self.sessions = sessions
         self.context_name: str | None = None
-        self._saved: list[tuple[str, Any]] = []
-        self._original_forward: Callable[..., Any] = transformer.forward
-        self._patch("forward", self._wrap_forward(transformer.forward), restore)
+        self.patches = Patches("magsdk first-call tracing")
+        self.patches.patch(transformer, "forward", self._wrap_forward(transformer.forward))
         context = getattr(transformer, "cache_context", None)
         if callable(context):
-            self._patch("cache_context", wrap_cache_context(context, self), restore)
+            self.patches.patch(transformer, "cache_context", wrap_cache_context(context, self))
 
-    def _patch(self, attr: str, value: Any, restore: list[tuple[Any, str, Any]]) -> None:
-        previous = self.transformer.__dict__.get(attr, self.absent)
-        self._saved.append((attr, previous))
-        restore.append((self.transformer, attr, previous))
-        setattr(self.transformer, attr, value)
-
-    def _unpatch(self) -> None:
-        for attr, previous in reversed(self._saved):
-            if previous is self.absent:
-                self.transformer.__dict__.pop(attr, None)
-            else:
-                setattr(self.transformer, attr, previous)
-        self._saved.clear()
+    def cancel(self) -> None:
+        """Remove the waiting wrapper (``disable()`` before any call)."""
+        self.patches.restore()
 
     def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         first = self
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if not first.patches:  # cancelled, but somebody wrapped us: pass through
+                return original(*args, **kwargs)
             return first.run(original, args, kwargs)
 
         return forward
 
+    @eager
     def run(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         transformer = self.transformer
         containers = find_block_containers(transformer)
@@ -120,7 +106,7 @@ class _FirstCall:
                     name, summary(report), report.head, report.tail)
         for warning in report.warnings:
             logger.warning("magsdk: %s: %s", name, warning)
-        self._unpatch()
+        self.patches.restore()
         session = self.make_session(report)
         self.sessions.append(session)
         _replay(session, trace, args, kwargs, self.context_name)
@@ -134,36 +120,22 @@ def _calls_of(trace: Trace, path: str) -> list[BlockCall]:
 def _replay(
     session: CacheSession, trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any], context: str | None
 ) -> None:
-    """Book the traced (computed) call into the session as if its hooks had seen it."""
-    head, tail = session.blocks[0], session.blocks[-1]
-    head_calls, tail_calls = _calls_of(trace, head.path), _calls_of(trace, tail.path)
+    """Book the traced (computed) call into the session as if its own layout had run it."""
+    head, tail = session.stack.paths[0], session.stack.paths[-1]
+    head_calls, tail_calls = _calls_of(trace, head), _calls_of(trace, tail)
     if not head_calls or not tail_calls or head_calls[0].values is None:
         raise BlockLayoutError(
-            f"{session.name}: the traced call did not run {head.path} and {tail.path} as first and last blocks"
+            f"{session.name}: the traced call did not run {head} and {tail} as first and last blocks"
         )
     previous_context, session.context_name = session.context_name, context
     try:
-        call = session._begin_call(session._read_timestep(args, kwargs))
+        call = session.before_call(args, kwargs)
     finally:
         session.context_name = previous_context
-    call.skip = False
-    _set_template(head, head_calls[0])
-    _set_template(tail, tail_calls[-1])
-    call.head_input = head.io.read_hidden((), head_calls[0].values)
-    session._store_residual(call, tail.io, tail_calls[-1].output)
-    position = call.position
-    session.stats.record(
-        CallRecord(
-            generation=position.generation,
-            branch=position.branch,
-            step=position.step,
-            timestep=call.timestep,
-            computed=True,
-            module=session.name,
-        )
-    )
-
-
-def _set_template(block: HookedBlock, call: BlockCall) -> None:
-    if call.output is not None:
-        block.io.observe(call.output)
+    gate = session.stack.gate
+    if call.skip:  # cannot happen (nothing is cached yet); book it as computed all the same
+        call.skip = False
+    gate.head_input = session.stack.head_io.read_hidden((), head_calls[0].values)
+    gate.head_output = head_calls[0].output
+    gate.tail_output = tail_calls[-1].output
+    session.after_call(call)

@@ -1,7 +1,10 @@
-"""Reading hidden states out of a block's arguments and outputs, and building pass-through outputs.
+"""Reading hidden states out of a block's arguments and outputs, and building a skipped stack's output.
 
-One ``BlockIO`` per hooked block: it resolves argument positions from the block's ``forward``
-signature once, so the per-call work is a dict lookup or a tuple index.
+One ``BlockIO`` per edge block (the first and the last of the stack): it resolves argument
+positions from the block's ``forward`` signature once, so the per-call work is a dict lookup or
+a tuple index. The first real output is checked against the metadata once and remembered as a
+*description* (container kind, length, which slots were ``None``) — never as tensors, which at
+real sizes would pin tens of MB per block (docs/design.md, "Memory").
 """
 
 from __future__ import annotations
@@ -16,6 +19,26 @@ from magsdk.config import BlockMetadata
 from magsdk.errors import BlockLayoutError
 
 _MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputShape:
+    """A block output's container, described without holding any of its tensors."""
+
+    length: int = 0
+    other_tensor_slots: tuple[int, ...] = ()
+    dataclass_type: type | None = None
+    fields: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, output: Any, meta: BlockMetadata) -> OutputShape:
+        if isinstance(output, (tuple, list)):
+            known = {meta.return_hidden_states_index, meta.return_encoder_hidden_states_index}
+            others = tuple(i for i, v in enumerate(output) if i not in known and isinstance(v, torch.Tensor))
+            return cls(length=len(output), other_tensor_slots=others)
+        if dataclasses.is_dataclass(output) and not isinstance(output, type):
+            return cls(dataclass_type=type(output), fields=tuple(f.name for f in dataclasses.fields(output)))
+        return cls()
 
 
 def forward_parameters(module: torch.nn.Module) -> list[inspect.Parameter]:
@@ -64,8 +87,7 @@ class BlockIO:
         self.hidden = ArgumentReader(params, metadata.hidden_states_argument_name, self.cls_name)
         enc = metadata.encoder_hidden_states_argument_name
         self.encoder = ArgumentReader(params, enc, self.cls_name) if enc else None
-        self.template: Any = None  # last real output, for containers that carry more than two states
-        self.verified = False
+        self.shape: OutputShape | None = None  # what the first real output looked like, without its tensors
 
     # -- inputs ---------------------------------------------------------------------------------
     def read_hidden(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -119,16 +141,15 @@ class BlockIO:
         if meta.output_kind in ("tuple", "list") and meta.return_encoder_hidden_states_index is not None:
             if meta.return_encoder_hidden_states_index >= len(output):
                 raise self._mismatch(output, "(no element at return_encoder_hidden_states_index)")
-        self.verified = True
+        self.shape = OutputShape.of(output, meta)
 
     def observe(self, output: Any) -> None:
-        """First real output: check it against the metadata and keep it as the container template."""
-        if not self.verified:
+        """First real output: check it against the metadata and describe its container."""
+        if self.shape is None:
             self.verify(output)
-            self.template = output
 
     def passthrough(self, hidden: torch.Tensor, encoder: Any) -> Any:
-        """The output this block would give if it were the identity: used on skipped steps."""
+        """The block's output if it were the identity on its inputs: what a skipped stack returns."""
         meta = self.metadata
         if meta.fuses_inputs and isinstance(encoder, torch.Tensor):
             if meta.fused_sequence_order == "image_text":
@@ -139,12 +160,19 @@ class BlockIO:
         kind = meta.output_kind
         if kind == "tensor":
             return hidden
+        shape = self.shape
         if kind in ("tuple", "list"):
             h_idx, e_idx = meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
             size = max(h_idx, e_idx if e_idx is not None else 0) + 1
+            if shape is not None and shape.length > size:
+                if shape.other_tensor_slots:
+                    raise BlockLayoutError(
+                        f"{self.label} ({self.cls_name}) returns tensors at {list(shape.other_tensor_slots)} besides "
+                        "its hidden and encoder states; a skipped step cannot reproduce them. Override "
+                        "apply_residual/compute_residual in a strategy, or do not cache this model."
+                    )
+                size = shape.length
             items: list[Any] = [None] * size
-            if isinstance(self.template, (tuple, list)) and len(self.template) > size:
-                items = list(self.template)
             items[h_idx] = hidden
             if e_idx is not None:
                 items[e_idx] = encoder
@@ -153,12 +181,10 @@ class BlockIO:
         if meta.return_encoder_hidden_states_key is not None:
             values[meta.return_encoder_hidden_states_key] = encoder
         if kind == "dict":
-            base = dict(self.template) if isinstance(self.template, dict) else {}
-            base.update(values)
-            return base
-        if self.template is None:
+            return values
+        if shape is None or shape.dataclass_type is None:
             raise BlockLayoutError(f"{self.label}: cannot build a {kind} output before one real call")
-        return dataclasses.replace(self.template, **values)
+        return shape.dataclass_type(**{name: None for name in shape.fields} | values)
 
     def _mismatch(self, output: Any, detail: str) -> BlockLayoutError:
         meta = self.metadata

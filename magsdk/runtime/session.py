@@ -1,9 +1,13 @@
-"""One cache session per transformer: per-branch state, the skip decision, and the block hooks.
+"""One cache session per transformer: step tracking, per-branch state, the skip decision, the residual.
 
-The transformer's own ``forward`` is wrapped to learn the timestep and cache-context name of
-each call (step tracking) and to reset on exceptions. The first block (head) and last block
-(tail) do MagCache's work; every other block only passes its inputs through on a skipped call,
-so no block runs and the residual is added exactly once (trap 2).
+The transformer's ``forward`` is wrapped (``magsdk.patching``). Around each call the session
+decides — before the call, from the precomputed curve only — whether this branch skips, puts the
+matching layout into the block lists (``magsdk.runtime.stack``), and after the call stores the new
+residual. The decision and bookkeeping run outside ``torch.compile`` (``torch.compiler.disable``);
+the blocks and everything else in the forward are compiled as usual.
+
+Between calls a session holds, per branch, the cached residual and a few floats — nothing per
+block (docs/design.md, "Memory").
 """
 
 from __future__ import annotations
@@ -13,75 +17,60 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from magsdk.config import DEFAULT_BRANCH, BlockMetadata, BranchCalibration, CalibrationResult, MagCacheConfig
+from magsdk.config import BlockMetadata, CalibrationResult, MagCacheConfig, ScheduleInfo
+from magsdk.conventions import TIMESTEP_ARGUMENT_NAMES
+from magsdk.curves import CurveSource, RunSchedule
 from magsdk.errors import BlockLayoutError
-from magsdk.ratios import FRESH, Accumulator, decide, resample_nearest, select_branch_curve
-from magsdk.runtime.layout import ArgumentReader, BlockIO, forward_parameters
+from magsdk.patching import Patches
+from magsdk.ratios import BranchSchedule
+from magsdk.runtime.layout import ArgumentReader, forward_parameters
+from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Reducer, merge_runs
+from magsdk.runtime.stack import BlockStack
 from magsdk.runtime.stats import CacheStats, CallRecord
 from magsdk.runtime.steps import CallPosition, SchedulerProbe, StepTracker
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
 
-TIMESTEP_ARGUMENT_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time_step", "noise_level")
-
-CurveProvider = Callable[[str, int, int], list[float]]
-"""(branch, branch_position, num_steps) -> the curve for this run, already resampled."""
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-@dataclass
-class BranchCalibrationRecorder:
-    """Per-step measurements of one branch during one generation."""
-
-    norm_ratios: list[float] = field(default_factory=list)
-    norm_stds: list[float] = field(default_factory=list)
-    cos_dists: list[float] = field(default_factory=list)
-    timesteps: list[float | None] = field(default_factory=list)
-
-    def add(self, residual: torch.Tensor, previous: torch.Tensor | None, timestep: float | None) -> None:
-        self.timesteps.append(timestep)
-        if previous is None:
-            self.norm_ratios.append(1.0)
-            self.norm_stds.append(0.0)
-            self.cos_dists.append(0.0)
-            return
-        cur, prev = residual.float(), previous.float()
-        per_token = torch.linalg.norm(cur, dim=-1) / (torch.linalg.norm(prev, dim=-1) + 1e-8)
-        cos = torch.nn.functional.cosine_similarity(cur, prev, dim=-1)
-        self.norm_ratios.append(per_token.mean().item())
-        self.norm_stds.append(per_token.std(correction=0).item())
-        self.cos_dists.append((1.0 - cos).mean().item())
+def eager(fn: F) -> F:
+    """Keep ``fn`` out of ``torch.compile`` graphs: the decision is plain Python on plain numbers."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
 
 
 @dataclass
 class BranchState:
-    curve: list[float]
+    schedule: BranchSchedule | None
     residual: torch.Tensor | None = None
-    acc: Accumulator = FRESH
-    recorder: BranchCalibrationRecorder | None = None
+    recorder: BranchRecorder | None = None
 
 
 @dataclass
 class ActiveCall:
-    """The transformer call in flight; block hooks read it."""
+    """The transformer call in flight."""
 
     position: CallPosition
     state: BranchState
     skip: bool
     timestep: float | None
-    head_input: torch.Tensor | None = None
+    argument_timestep: torch.Tensor | float | None = None
 
 
 @dataclass
-class HookedBlock:
-    path: str
-    module: torch.nn.Module
-    io: BlockIO
-    role: str  # "head", "tail", "head+tail" or "middle"
+class _Warnings:
+    shown: set[str] = field(default_factory=set)
+
+    def once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self.shown:
+            self.shown.add(key)
+            logger.warning(message, *args)
 
 
 class CacheSession:
@@ -92,40 +81,40 @@ class CacheSession:
         transformer: torch.nn.Module,
         blocks: list[tuple[str, torch.nn.Module, BlockMetadata]],
         config: MagCacheConfig,
-        curves: CurveProvider | None,
+        curves: CurveSource | None,
         strategy: MagCacheStrategy,
         stats: CacheStats,
         name: str = "transformer",
         probe: SchedulerProbe | None = None,
     ) -> None:
-        if not blocks:
-            raise BlockLayoutError(f"{type(transformer).__name__}: no transformer blocks to hook")
         self.transformer = transformer
         self.config = config
         self.curves = curves
         self.strategy = strategy
         self.stats = stats
         self.name = name
+        self.stack = BlockStack(transformer, blocks, strategy)
         self.tracker = StepTracker(probe=probe, fixed_num_steps=config.num_inference_steps)
         self.branches: dict[str, BranchState] = {}
-        self.active: ActiveCall | None = None
         self.context_name: str | None = None
-        self.calibration_runs: list[dict[str, BranchCalibrationRecorder]] = []
-        self._saved: list[tuple[torch.nn.Module, str, Any]] = []
-        self.blocks = self._make_hooked_blocks(blocks)
+        self.calibration_runs: list[dict[str, BranchRunRecord]] = []
+        #: Reduces calibration sums across the processes that shard one sequence (context parallelism).
+        self.sequence_reducer: Reducer | None = None
+        self.image_tokens: int | None = None
+        #: The scheduler's timesteps of the last calibrated generation.
+        self.calibrated_schedule: list[float] | None = None
+        self._generation_schedule: list[float] | None = None
+        self._warnings = _Warnings()
         self._timestep = self._timestep_reader(transformer)
+        self.patches = Patches(f"magsdk cache session on {name}")
+        self.attached = False
         self._attach()
 
-    # -- attaching ------------------------------------------------------------------------------
-    @staticmethod
-    def _make_hooked_blocks(blocks: list[tuple[str, torch.nn.Module, BlockMetadata]]) -> list[HookedBlock]:
-        hooked = []
-        last = len(blocks) - 1
-        for i, (path, module, metadata) in enumerate(blocks):
-            role = "head+tail" if last == 0 else "head" if i == 0 else "tail" if i == last else "middle"
-            hooked.append(HookedBlock(path, module, BlockIO(module, metadata, path), role))
-        return hooked
+    @property
+    def blocks(self) -> list[tuple[str, str]]:
+        return self.stack.roles
 
+    # -- attaching ------------------------------------------------------------------------------
     @staticmethod
     def _timestep_reader(transformer: torch.nn.Module) -> ArgumentReader | None:
         params = forward_parameters(transformer)
@@ -136,26 +125,20 @@ class CacheSession:
         logger.info("%s.forward has no timestep argument; counting calls instead", type(transformer).__name__)
         return None
 
-    def _patch(self, obj: Any, attr: str, value: Any) -> None:
-        self._saved.append((obj, attr, obj.__dict__.get(attr, _ABSENT)))
-        setattr(obj, attr, value)
-
     def _attach(self) -> None:
-        self._patch(self.transformer, "forward", self._wrap_transformer(self.transformer.forward))
-        if hasattr(self.transformer, "cache_context"):
-            original_context: Callable[..., Any] = self.transformer.cache_context  # type: ignore[assignment]
-            self._patch(self.transformer, "cache_context", wrap_cache_context(original_context, self))
-        for block in self.blocks:
-            self._patch(block.module, "forward", self._wrap_block(block, block.module.forward))
+        self.patches.patch(self.transformer, "forward", self._wrap_forward(self.transformer.forward))
+        context = getattr(self.transformer, "cache_context", None)
+        if callable(context):
+            self.patches.patch(self.transformer, "cache_context", wrap_cache_context(context, self))
+        self.attached = True
 
     def detach(self) -> None:
-        for obj, attr, previous in reversed(self._saved):
-            if previous is _ABSENT:
-                obj.__dict__.pop(attr, None)
-            else:
-                setattr(obj, attr, previous)
-        self._saved.clear()
-        self.reset()
+        """Remove the patches and every tensor the session holds; a wrapper someone wrapped stays inert."""
+        self.patches.restore()
+        self.attached = False
+        self.stack.leave()
+        self.reset(discard=True)
+        self.calibration_runs = [] if self.config.calibrate else self.calibration_runs
 
     def reset(self, discard: bool = False) -> None:
         """Forget all per-generation state: the next call starts a new generation.
@@ -165,40 +148,145 @@ class CacheSession:
         if not discard:
             self._finish_calibration_run()
         self.branches.clear()
-        self.active = None
         self.tracker.begin_generation()
 
-    # -- transformer-level wrapper --------------------------------------------------------------
-    def _wrap_transformer(self, original: Callable[..., Any]) -> Callable[..., Any]:
+    # -- the transformer call -------------------------------------------------------------------
+    def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         session = self
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            timestep = session._read_timestep(args, kwargs)
-            call = session._begin_call(timestep)
-            session.active = call
+            if not session.attached:
+                return original(*args, **kwargs)
+            call = session.before_call(args, kwargs)
             try:
                 output = original(*args, **kwargs)
             except BaseException:
-                session.reset(discard=True)  # trap 5: no state leaks into the next generation
+                session.abort_call()  # no state leaks into the next generation
                 raise
-            finally:
-                session.active = None
-            session.stats.record(
-                CallRecord(
-                    generation=call.position.generation,
-                    branch=call.position.branch,
-                    step=call.position.step,
-                    timestep=timestep,
-                    computed=not call.skip,
-                    module=session.name,
-                )
-            )
+            session.after_call(call)
             return output
 
         return forward
 
+    @eager
+    def before_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActiveCall:
+        """Place the call, decide it, and put the matching layout into the block lists."""
+        observed: list[float | None] = []
+
+        def read_timestep() -> float | None:
+            value = self._read_timestep(args, kwargs)
+            observed.append(value)
+            return value
+
+        position = self.tracker.observe(read_timestep, self.context_name)
+        if position.new_generation:
+            self._finish_calibration_run()
+            self.branches.clear()
+            if self.config.calibrate and self.tracker.uses_scheduler:
+                self._generation_schedule = self.tracker.run_timesteps()
+        state = self.branches.get(position.branch)
+        if state is None:
+            state = self._new_branch_state(position)
+            self.branches[position.branch] = state
+        if self.tracker.uses_scheduler:
+            run = self.tracker.known_run_timesteps()  # read at most once per generation, when needed
+            timestep = run[position.step] if run is not None and position.step < len(run) else None
+        else:
+            timestep = observed[0] if observed else None
+        argument: torch.Tensor | float | None = None
+        if self.config.calibrate:
+            argument = self._argument_timestep(args, kwargs)
+            skip = False
+        else:
+            assert state.schedule is not None
+            online = state.schedule.curve.online
+            decision_t = timestep
+            if online is not None:
+                decision_t = observed[0] if observed else self._read_timestep(args, kwargs)
+                self._check_online_range(online.low, online.high, decision_t)
+            skip = state.schedule.should_skip(position.step, decision_t, state.residual is not None)
+        call = ActiveCall(position, state, skip, timestep, argument)
+        if skip:
+            self.stack.gate.residual = state.residual
+        self.stack.enter(skip)
+        return call
+
+    @eager
+    def after_call(self, call: ActiveCall) -> None:
+        """Put the real blocks back; on a computed call keep the new residual (and calibration sums)."""
+        gate = self.stack.gate
+        try:
+            if not call.skip:
+                head_in, head_out, tail_out = gate.head_input, gate.head_output, gate.tail_output
+                if head_in is None or tail_out is None:
+                    raise BlockLayoutError(
+                        f"{self.name}: the call did not run {self.stack.paths[0]} and {self.stack.paths[-1]} "
+                        "as first and last blocks of its stack; the strategy or report does not fit this model"
+                    )
+                self._store(call, head_in, head_out, tail_out)
+        finally:
+            self.stack.leave()
+        position = call.position
+        self.stats.record(
+            CallRecord.model_construct(
+                generation=position.generation, branch=position.branch, step=position.step,
+                timestep=call.timestep, computed=not call.skip, module=self.name,
+            )
+        )
+
+    @eager
+    def abort_call(self) -> None:
+        self.stack.leave()
+        self.reset(discard=True)
+
+    def _store(self, call: ActiveCall, head_in: torch.Tensor, head_out: Any, tail_out: Any) -> None:
+        stack = self.stack
+        stack.head_io.observe(head_out)
+        stack.tail_io.observe(tail_out)
+        tail_hidden = stack.tail_io.extract_hidden(tail_out)
+        residual = self.strategy.compute_residual(tail_hidden, head_in, stack.tail_io.metadata)
+        if self.image_tokens is None and head_in.ndim >= 2:
+            self.image_tokens = int(head_in.shape[1])
+        state = call.state
+        if state.recorder is not None:
+            state.recorder.add(residual, state.residual, call.argument_timestep)
+        state.residual = residual
+
+    def _new_branch_state(self, position: CallPosition) -> BranchState:
+        if self.config.calibrate:
+            return BranchState(schedule=None, recorder=BranchRecorder())
+        if self.curves is None:
+            raise BlockLayoutError(f"{self.name}: no curve to decide with; pass mag_ratios or a calibrated strategy")
+        stamps = self.tracker.run_timesteps() if self.curves.uses_schedules() else None
+        run = RunSchedule.of(position.num_steps, stamps)
+        mapped = self.curves.curve_for(position.branch, position.branch_position, run, self.name)
+        if mapped.out_of_range:
+            lo, hi = (min(mapped.online.timesteps), max(mapped.online.timesteps)) if mapped.online else (None, None)
+            self._warnings.once(
+                "range",
+                "magsdk: %d of this run's timesteps (%s) lie outside the calibrated schedule's range; the curve is "
+                "held flat (ratio 1) there. %s. Calibrate on this schedule (magsdk calibrate ... --steps %s) for "
+                "reliable skips.%s",
+                len(mapped.out_of_range), ", ".join(f"{t:g}" for t in mapped.out_of_range[:4]), mapped.how,
+                position.num_steps, "" if lo is None else f" Calibrated range: {lo:g}..{hi:g}.",
+            )
+        logger.debug("magsdk: %s branch %s follows the %s", self.name, position.branch, mapped.how)
+        return BranchState(schedule=BranchSchedule(mapped, self.config))
+
+    def _check_online_range(self, low: float, high: float, timestep: float | None) -> None:
+        if timestep is None:
+            return
+        span = max(high - low, 1e-12)
+        if timestep < low - 1e-3 * span or timestep > high + 1e-3 * span:
+            self._warnings.once(
+                "online-range",
+                "magsdk: timestep %g lies outside the calibrated range %g..%g; the curve is held flat (ratio 1) "
+                "there. Calibrate on this schedule for reliable skips.", timestep, low, high,
+            )
+
     def _read_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+        """The call's timestep as a float: a device→host read when it lives on a GPU."""
         if self._timestep is None:
             return None
         value = self._timestep.read(args, kwargs)
@@ -206,124 +294,81 @@ class CacheSession:
             return float(value.reshape(-1)[0]) if value.numel() else None
         return float(value) if isinstance(value, (int, float)) else None
 
-    def _begin_call(self, timestep: float | None) -> ActiveCall:
-        position = self.tracker.observe(timestep, self.context_name)
-        if position.new_generation:
-            self._finish_calibration_run()
-            self.branches.clear()
-        state = self.branches.get(position.branch)
-        num_steps = position.num_steps
-        if state is None:
-            state = self._new_branch_state(position)
-            self.branches[position.branch] = state
-        if self.config.calibrate:
-            skip = False
-        else:
-            steps = num_steps if num_steps is not None else len(state.curve)
-            skip, state.acc = decide(
-                state.acc, position.step, state.curve, self.config, steps, state.residual is not None
-            )
-        return ActiveCall(position=position, state=state, skip=skip, timestep=timestep)
-
-    def _new_branch_state(self, position: CallPosition) -> BranchState:
-        recorder = BranchCalibrationRecorder() if self.config.calibrate else None
-        if self.config.calibrate or self.curves is None:
-            return BranchState(curve=[], recorder=recorder)
-        curve = self.curves(position.branch, position.branch_position, position.num_steps or 0)
-        return BranchState(curve=curve, recorder=recorder)
-
-    # -- block wrappers -------------------------------------------------------------------------
-    def _wrap_block(self, block: HookedBlock, original: Callable[..., Any]) -> Callable[..., Any]:
-        session = self
-        io = block.io
-        is_head = block.role in ("head", "head+tail")
-        is_tail = block.role in ("tail", "head+tail")
-
-        if block.role == "middle":
-
-            @functools.wraps(original)
-            def middle_forward(*args: Any, **kwargs: Any) -> Any:
-                call = session.active
-                if call is None or not call.skip:
-                    output = original(*args, **kwargs)
-                    if call is not None:
-                        io.observe(output)
-                    return output
-                return io.passthrough(io.read_hidden(args, kwargs), io.read_encoder(args, kwargs))
-
-            return middle_forward
-
-        @functools.wraps(original)
-        def edge_forward(*args: Any, **kwargs: Any) -> Any:
-            call = session.active
-            if call is None:
-                return original(*args, **kwargs)
-            if is_head:
-                hidden_in = io.read_hidden(args, kwargs)
-                call.head_input = hidden_in
-                if call.skip:
-                    residual = call.state.residual
-                    assert residual is not None  # decide() only skips when a residual exists
-                    hidden_out = session.strategy.apply_residual(hidden_in, residual, io.metadata)
-                    return io.passthrough(hidden_out, io.read_encoder(args, kwargs))
-            elif call.skip:
-                return io.passthrough(io.read_hidden(args, kwargs), io.read_encoder(args, kwargs))
-            output = original(*args, **kwargs)
-            io.observe(output)  # once: a template per call would pin the last outputs in memory
-            if is_tail:
-                session._store_residual(call, io, output)
-            return output
-
-        return edge_forward
-
-    def _store_residual(self, call: ActiveCall, io: BlockIO, output: Any) -> None:
-        if call.head_input is None:
-            raise BlockLayoutError(f"{io.label} ran as the last block but the first block never ran in this call")
-        residual = self.strategy.compute_residual(io.extract_hidden(output), call.head_input, io.metadata)
-        state = call.state
-        if state.recorder is not None:
-            state.recorder.add(residual, state.residual, call.timestep)
-        state.residual = residual
+    def _argument_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | float | None:
+        """The timestep argument, kept as a tensor (read once at the end of the generation)."""
+        if self._timestep is None:
+            return None
+        value = self._timestep.read(args, kwargs)
+        if isinstance(value, torch.Tensor):
+            return value.detach().reshape(-1)[0] if value.numel() else None
+        return float(value) if isinstance(value, (int, float)) else None
 
     # -- calibration ----------------------------------------------------------------------------
     def _finish_calibration_run(self) -> None:
-        run = {name: s.recorder for name, s in self.branches.items() if s.recorder and s.recorder.norm_ratios}
+        run = {}
+        for name, state in self.branches.items():
+            if state.recorder is not None and state.recorder.sums:
+                run[name] = state.recorder.finish(self.sequence_reducer)
+            state.recorder = None  # recorded once, even if reset and a new generation both close it
         if run:
             self.calibration_runs.append(run)
-        for state in self.branches.values():
-            state.recorder = None  # recorded once, even if reset and a new generation both close it
+            if self._generation_schedule is not None:
+                self.calibrated_schedule = self._generation_schedule
 
     def calibration_result(self) -> CalibrationResult:
         """Mean curve per branch over the generations seen, with the spread across them."""
         self._finish_calibration_run()
         self.branches.clear()
-        runs = self.calibration_runs
-        if not runs:
+        if not self.calibration_runs:
             raise BlockLayoutError(
                 "calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`"
             )
-        names: list[str] = []
-        for run in runs:
-            names.extend(n for n in run if n not in names)
-        branches = {}
-        for name in names:
-            recs = [run[name] for run in runs if name in run]
-            length = min(len(r.norm_ratios) for r in recs)
-            ratios = torch.tensor([r.norm_ratios[:length] for r in recs], dtype=torch.float64)
-            stds = torch.tensor([r.norm_stds[:length] for r in recs], dtype=torch.float64)
-            cos = torch.tensor([r.cos_dists[:length] for r in recs], dtype=torch.float64)
-            branches[name] = BranchCalibration(
-                norm_ratios=ratios.mean(0).tolist(),
-                norm_stds=stds.mean(0).tolist(),
-                cos_dists=cos.mean(0).tolist(),
-                timesteps=list(recs[0].timesteps[:length]),
-                norm_ratio_spread=ratios.std(0, correction=0).tolist(),
-                num_runs=len(recs),
-            )
+        branches = merge_runs(self.calibration_runs)
         return CalibrationResult(branches=branches, transformer=type(self.transformer).__name__)
 
 
-_ABSENT = object()
+
+def schedule_info(
+    timesteps: list[float], scheduler: Any, set_timesteps_kwargs: dict[str, Any], image_tokens: int | None
+) -> ScheduleInfo:
+    """Describe a run's schedule: its timesteps and sigmas, and what shaped them (config, ``mu``, sigmas)."""
+    config = getattr(scheduler, "config", {}) or {}
+    shaping = {
+        key: _plain(config[key]) for key in SCHEDULE_CONFIG_KEYS if key in config and _plain(config[key]) is not None
+    }
+    sigmas = getattr(scheduler, "sigmas", None)
+    sigma_values: list[float] | None = None
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= len(timesteps):
+        begin = int(getattr(scheduler, "begin_index", None) or 0)
+        sigma_values = [float(v) for v in sigmas.detach().cpu().tolist()[begin : begin + len(timesteps)]]
+    input_sigmas = set_timesteps_kwargs.get("sigmas")
+    if input_sigmas is not None and hasattr(input_sigmas, "tolist"):
+        input_sigmas = input_sigmas.tolist()
+    mu = set_timesteps_kwargs.get("mu")
+    return ScheduleInfo(
+        timesteps=[float(t) for t in timesteps],
+        sigmas=sigma_values,
+        scheduler=type(scheduler).__name__,
+        config=shaping,
+        set_timesteps={"mu": float(mu)} if isinstance(mu, (int, float)) else {},
+        input_sigmas=[float(v) for v in input_sigmas] if input_sigmas is not None else None,
+        image_tokens=image_tokens,
+    )
+
+
+#: Scheduler config values that change the timesteps a step count gives.
+SCHEDULE_CONFIG_KEYS = (
+    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "shift_terminal", "time_shift_type", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "timestep_spacing", "flow_shift", "use_flow_sigmas", "prediction_type", "invert_sigmas",
+    "stochastic_sampling",
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return None
 
 
 class HasContextName(Protocol):
@@ -344,38 +389,3 @@ def wrap_cache_context(original: Callable[..., Any], holder: HasContextName) -> 
             holder.context_name = previous
 
     return cache_context
-
-
-def make_curve_provider(
-    tables: list[tuple[int, dict[str, list[float]]]], per_branch: bool = False
-) -> CurveProvider:
-    """Pick the calibration nearest the run's step count, then resample it to that count.
-
-    Curves are resampled per run (trap 6), not at configuration time: the same handle serves a
-    28-step and a 50-step generation correctly. Unless ``per_branch``, every branch follows the
-    mean of the branch curves, so the CFG passes of one step skip together: true CFG that mixes a
-    fresh prediction with a stale one lost up to 4.8 dB on the reference model
-    (docs/benchmarks.md).
-    """
-    if not tables:
-        raise ValueError("no curves to provide")
-    if not per_branch:
-        tables = [(steps, {DEFAULT_BRANCH: _mean_curve(list(curves.values()))}) for steps, curves in tables]
-
-    def provide(branch: str, position: int, num_steps: int) -> list[float]:
-        if num_steps:
-            _, curves = min(tables, key=lambda t: (abs(t[0] - num_steps), t[0]))
-        else:
-            curves = tables[0][1]
-        curve = select_branch_curve(curves, branch, position)
-        return resample_nearest(curve, num_steps) if num_steps else curve
-
-    return provide
-
-
-def _mean_curve(curves: list[list[float]]) -> list[float]:
-    if len(curves) == 1:
-        return list(curves[0])
-    length = max(len(c) for c in curves)
-    resampled = [resample_nearest(c, length) for c in curves]
-    return [sum(values) / len(values) for values in zip(*resampled, strict=True)]

@@ -1,11 +1,25 @@
-"""``CacheStats``: what the cache did, call by call."""
+"""``CacheStats``: what the cache did — counters for the handle's life, call records for recent generations.
+
+A server keeps one pipeline enabled for days; a record per call for ever would grow without
+bound. Counters cover every generation; per-call records are kept for the last
+``keep_generations`` generations only (configurable on ``magsdk.enable``).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from collections import OrderedDict
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+#: Generations whose per-call records ``CacheStats`` keeps by default.
+DEFAULT_KEEP_GENERATIONS = 16
 
 
 class CallRecord(BaseModel):
+    """One transformer call. ``timestep`` is the scheduler's when one is attached, else the model's argument."""
+
+    model_config = ConfigDict(frozen=True)
+
     generation: int
     branch: str
     step: int
@@ -15,32 +29,46 @@ class CallRecord(BaseModel):
 
 
 class CacheStats(BaseModel):
-    """Counters plus a per-branch, per-step record of which calls were computed."""
+    """Counters plus a per-branch, per-step record of which calls were computed (recent generations)."""
 
     computed_calls: int = 0
     skipped_calls: int = 0
-    calls: list[CallRecord] = Field(default_factory=list)
+    #: Generations started over the handle's life (records are kept for the last ``keep_generations``).
+    generations_seen: int = 0
+    keep_generations: int = Field(DEFAULT_KEEP_GENERATIONS, ge=1)
+    _records: OrderedDict[tuple[str, int], list[CallRecord]] = PrivateAttr(default_factory=OrderedDict)
 
     def record(self, call: CallRecord) -> None:
-        self.calls.append(call)
+        key = (call.module, call.generation)
+        calls = self._records.get(key)
+        if calls is None:
+            calls = self._records[key] = []
+            self.generations_seen = max(self.generations_seen, call.generation + 1)
+            while len({g for _, g in self._records}) > self.keep_generations:
+                self._records.popitem(last=False)
+        calls.append(call)
         if call.computed:
             self.computed_calls += 1
         else:
             self.skipped_calls += 1
 
     @property
+    def calls(self) -> list[CallRecord]:
+        """Records of the generations kept, in call order per transformer."""
+        return sorted((c for calls in self._records.values() for c in calls), key=_order)
+
+    @property
     def total_calls(self) -> int:
         return self.computed_calls + self.skipped_calls
 
     def generations(self) -> list[int]:
-        return sorted({c.generation for c in self.calls})
+        return sorted({g for _, g in self._records})
 
     def branches(self, generation: int | None = None) -> list[str]:
         gen = self._resolve(generation)
         seen: dict[str, None] = {}
-        for call in self.calls:
-            if call.generation == gen:
-                seen.setdefault(call.branch, None)
+        for call in self._calls_of(gen):
+            seen.setdefault(call.branch, None)
         return list(seen)
 
     def computed_steps(self, branch: str | None = None, generation: int | None = None) -> list[int]:
@@ -53,23 +81,30 @@ class CacheStats(BaseModel):
     def per_branch(self, generation: int | None = None) -> dict[str, dict[int, bool]]:
         gen = self._resolve(generation)
         table: dict[str, dict[int, bool]] = {}
-        for call in self.calls:
-            if call.generation == gen:
-                table.setdefault(call.branch, {})[call.step] = call.computed
+        for call in self._calls_of(gen):
+            table.setdefault(call.branch, {})[call.step] = call.computed
         return table
 
     def reset(self) -> None:
         self.computed_calls = 0
         self.skipped_calls = 0
-        self.calls = []
+        self.generations_seen = 0
+        self._records.clear()
+
+    def _calls_of(self, generation: int) -> list[CallRecord]:
+        return [c for (_, g), calls in self._records.items() if g == generation for c in calls]
 
     def _resolve(self, generation: int | None) -> int:
         if generation is not None:
             return generation
-        return self.calls[-1].generation if self.calls else 0
+        return max((g for _, g in self._records), default=0)
 
     def _steps(self, computed: bool, branch: str | None, generation: int | None) -> list[int]:
         gen = self._resolve(generation)
         names = self.branches(gen)
         name = branch if branch is not None else (names[0] if names else None)
-        return [c.step for c in self.calls if c.generation == gen and c.branch == name and c.computed == computed]
+        return [c.step for c in self._calls_of(gen) if c.branch == name and c.computed == computed]
+
+
+def _order(call: CallRecord) -> tuple[int, int]:
+    return (call.generation, call.step)

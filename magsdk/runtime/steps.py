@@ -1,17 +1,30 @@
-"""Step tracking by timestep value (DESIGN.md §2, traps 1, 6 and 7).
+"""Where a transformer call sits in a run: generation, step, branch (docs/design.md, "Step tracking").
 
-Counting transformer calls gets CFG wrong (two calls per step) and breaks when two
-transformers share one schedule. The timestep of each call says where the loop is: the same
-timestep again is another branch of the same step, a new one is the next step, and one that
-goes back against the schedule's direction starts a new generation.
+Counting transformer calls gets CFG wrong (two calls per step) and breaks when two transformers
+share one schedule. Two sources of truth are used instead, the cheaper first:
+
+- **the scheduler** of the pipeline, when magsdk knows it: its ``step_index`` is a Python int that
+  the pipeline advances once per step, so the step is known without looking at any tensor — no
+  device→host synchronisation per call. A call at the same index as the previous one is another
+  branch (CFG pass) of the same step; ``set_timesteps`` (wrapped by ``enable``) starts a generation.
+- **the timestep value** of each call otherwise (a bare transformer in a hand-written loop): the same
+  timestep again is another branch of the same step, a new one is the next step, and one that goes
+  back against the schedule's direction starts a new generation. Reading a timestep that lives on
+  the GPU costs one synchronisation per call; that is the price of knowing nothing else.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("magsdk")
 
 DEFAULT_BRANCH_PREFIX = "pass"
+#: Calls at one scheduler step beyond which the scheduler is taken not to be advancing.
+MAX_BRANCHES_PER_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -28,10 +41,11 @@ class CallPosition:
 
 @dataclass
 class SchedulerProbe:
-    """Reads a diffusers scheduler's state: the run's step count and the current step index."""
+    """Reads a diffusers scheduler's state: the run's step count, the current step and the timesteps."""
 
     num_steps: Callable[[], int | None]
     step_index: Callable[[], int | None]
+    timesteps: Callable[[], list[float] | None]
 
 
 @dataclass
@@ -45,12 +59,58 @@ class StepTracker:
     _direction: float = 0.0
     _calls_in_step: list[str] = field(default_factory=list)
     _pending_new: bool = True
+    _run_timesteps: list[float] | None = None
+    _run_timesteps_read: bool = False
 
     def begin_generation(self) -> None:
         """An explicit boundary (a pipeline set new timesteps, an exception, a reset)."""
         self._pending_new = True
 
-    def observe(self, timestep: float | None, context: str | None) -> CallPosition:
+    @property
+    def uses_scheduler(self) -> bool:
+        return self.probe is not None
+
+    def known_run_timesteps(self) -> list[float] | None:
+        """This generation's timesteps if something already read them (never reads itself)."""
+        return self._run_timesteps
+
+    def run_timesteps(self) -> list[float] | None:
+        """The scheduler's timesteps of this generation, read once per generation (not per call)."""
+        if not self._run_timesteps_read:
+            self._run_timesteps_read = True
+            self._run_timesteps = self.probe.timesteps() if self.probe is not None else None
+        return self._run_timesteps
+
+    def observe(self, read_timestep: Callable[[], float | None], context: str | None) -> CallPosition:
+        """Place one call. ``read_timestep`` is called only when the scheduler cannot say."""
+        if self.probe is not None:
+            return self._observe_scheduler(self.probe, context)
+        return self.observe_timestep(read_timestep(), context)
+
+    # -- with a scheduler: no tensor is read -------------------------------------------------------
+    def _observe_scheduler(self, probe: SchedulerProbe, context: str | None) -> CallPosition:
+        index = probe.step_index()
+        step = index if index is not None else 0
+        new_generation = self._pending_new or step < self.step
+        if not new_generation and step == self.step and index is None and (
+            len(self._calls_in_step) >= MAX_BRANCHES_PER_STEP
+        ):
+            logger.warning(
+                "magsdk: the scheduler's step_index did not advance over %d calls; tracking steps by the "
+                "timestep of each call instead (one device→host read per call)", MAX_BRANCHES_PER_STEP
+            )
+            self.probe = None
+            self._pending_new = True
+            return self.observe_timestep(None, context)
+        if new_generation:
+            self._start_generation(probe.num_steps())
+        if new_generation or step != self.step:
+            self.step = step
+            self._calls_in_step = []
+        return self._place(context, new_generation)
+
+    # -- without: the timestep value of each call --------------------------------------------------
+    def observe_timestep(self, timestep: float | None, context: str | None) -> CallPosition:
         new_generation = self._pending_new
         next_step = new_generation
         if not new_generation:
@@ -68,37 +128,61 @@ class StepTracker:
             if next_step and not new_generation and self.num_steps is not None:
                 new_generation = self.step + 1 >= self.num_steps
         if new_generation:
-            self.generation += 1
-            self.step = -1
-            self._direction = 0.0
-            self._pending_new = False
-            self.num_steps = self.fixed_num_steps or (self.probe.num_steps() if self.probe else None)
+            self._start_generation(None)
         if next_step or new_generation:
-            probed = self.probe.step_index() if self.probe else None
-            self.step = probed if probed is not None else self.step + 1
+            self.step += 1
             self._calls_in_step = []
+        self._last_t = timestep
+        return self._place(context, new_generation)
+
+    def _start_generation(self, probed_steps: int | None) -> None:
+        self.generation += 1
+        self.step = -1
+        self._direction = 0.0
+        self._last_t = None
+        self._pending_new = False
+        self._run_timesteps, self._run_timesteps_read = None, False
+        self.num_steps = self.fixed_num_steps or probed_steps
+
+    def _place(self, context: str | None, new_generation: bool) -> CallPosition:
         position = len(self._calls_in_step)
         branch = context or f"{DEFAULT_BRANCH_PREFIX}{position}"
         self._calls_in_step.append(branch)
-        self._last_t = timestep
         return CallPosition(self.generation, self.step, branch, position, new_generation, self.num_steps)
+
+
+def _floats(values: Any) -> list[float] | None:
+    """A schedule tensor as floats (one read per generation; on a GPU that is one synchronisation)."""
+    if values is None:
+        return None
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    try:
+        return [float(v) for v in values]
+    except TypeError:
+        return None
 
 
 def scheduler_probe(scheduler: object) -> SchedulerProbe:
     """Probe for a diffusers scheduler; img2img pipelines start late (``begin_index``)."""
 
+    def begin() -> int:
+        return int(getattr(scheduler, "begin_index", None) or 0)
+
     def num_steps() -> int | None:
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None:
             return None
-        begin = getattr(scheduler, "begin_index", None) or 0
-        return max(1, len(timesteps) - int(begin))
+        return max(1, len(timesteps) - begin())
 
     def step_index() -> int | None:
         index = getattr(scheduler, "step_index", None)
         if index is None:
             return None
-        begin = getattr(scheduler, "begin_index", None) or 0
-        return int(index) - int(begin)
+        return int(index) - begin()
 
-    return SchedulerProbe(num_steps=num_steps, step_index=step_index)
+    def timesteps() -> list[float] | None:
+        values = _floats(getattr(scheduler, "timesteps", None))
+        return values[begin():] if values is not None else None
+
+    return SchedulerProbe(num_steps=num_steps, step_index=step_index, timesteps=timesteps)

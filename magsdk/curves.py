@@ -1,0 +1,297 @@
+"""The curve each branch follows in a run: chosen, averaged and mapped onto the run's schedule.
+
+A calibration measures ``γ_i = ‖r_i‖ / ‖r_{i-1}‖`` on one schedule. A run may use another step
+count, shift or resolution. The product of the ratios between two steps is the growth of ‖r‖
+between their noise levels, so a curve is mapped through its recorded timesteps: the cumulative
+log-ratio is interpolated as a function of the timestep and differenced between the run's
+consecutive timesteps (docs/design.md, "Schedule transfer"). Curves without timesteps fall back
+to nearest-index resampling — the original's and diffusers' rule, kept as ``resample="index"``
+for parity.
+
+Everything that needs "the curve of branch b in this run" — the runtime, ``magsdk.plan``, the CLI,
+the exporters — goes through ``CurveSource.curve_for``: preview and run cannot disagree. Pure
+functions on floats; no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from magsdk.config import DEFAULT_BRANCH, CalibrationEntry, MagCacheConfig, ResampleMode, ScheduleInfo
+from magsdk.errors import UsageError
+
+logger = logging.getLogger("magsdk")
+
+
+def resample_nearest(curve: Sequence[float], num_steps: int) -> list[float]:
+    """Nearest-index resampling, ``idx = round(arange(n) * (L-1)/(n-1))`` (the original's and diffusers')."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    length = len(curve)
+    if length == num_steps:
+        return [float(v) for v in curve]
+    if num_steps == 1:
+        return [float(curve[-1])]
+    scale = (length - 1) / (num_steps - 1)
+    grid = np.arange(num_steps, dtype=np.float32) * np.float32(scale)
+    indices = np.round(grid).astype(np.int64)
+    return [float(curve[i]) for i in indices]
+
+
+class TimestepMap:
+    """A curve as a function of the timestep: ``ratio(t_prev, t)`` is the growth of ‖r‖ from t_prev to t.
+
+    Between two timesteps of the calibration that are consecutive, the calibrated ratio itself is
+    returned (no log/exp round trip), so a run on the calibration's own schedule follows the curve
+    bit for bit and threshold decisions cannot drift.
+    """
+
+    def __init__(self, curve: Sequence[float], timesteps: Sequence[float]) -> None:
+        if len(curve) != len(timesteps):
+            raise ValueError(f"curve has {len(curve)} values but {len(timesteps)} timesteps")
+        if len(curve) < 2:
+            raise ValueError("a timestep map needs at least two steps")
+        self.curve = [float(v) for v in curve]
+        self.timesteps = [float(t) for t in timesteps]
+        self.index = {t: i for i, t in enumerate(self.timesteps)}
+        logs = np.log(np.asarray(self.curve[1:], dtype=np.float64))
+        cumulative = np.concatenate([[0.0], np.cumsum(logs)])
+        order = np.argsort(np.asarray(self.timesteps))
+        self._xs = np.asarray(self.timesteps, dtype=np.float64)[order]
+        self._ys = cumulative[order]
+        #: +1 when the calibration's timesteps rise from step to step, -1 when they fall (the usual case).
+        self.direction = 1.0 if self.timesteps[-1] > self.timesteps[0] else -1.0
+        self.low, self.high = float(self._xs[0]), float(self._xs[-1])
+
+    def ratio(self, previous: float, current: float) -> float:
+        i, j = self.index.get(previous), self.index.get(current)
+        if i is not None and j is not None and j == i + 1:
+            return self.curve[j]
+        grown = np.interp(current, self._xs, self._ys) - np.interp(previous, self._xs, self._ys)
+        return float(math.exp(grown))
+
+    def map(self, timesteps: Sequence[float]) -> list[float]:
+        """The curve on another schedule; its first value is the calibration's first (step 0 has no past)."""
+        values = [float(t) for t in timesteps]
+        if values == self.timesteps:
+            return list(self.curve)
+        return [self.curve[0], *(self.ratio(a, b) for a, b in itertools.pairwise(values))]
+
+    def outside(self, timesteps: Sequence[float], tolerance: float = 1e-3) -> list[float]:
+        """Timesteps beyond the calibrated range (the map holds the curve flat there: ratio 1)."""
+        span = max(self.high - self.low, 1e-12)
+        return [t for t in timesteps if t < self.low - tolerance * span or t > self.high + tolerance * span]
+
+    def retained(self, timestep: float, retention_index: int) -> bool:
+        """Whether a step at ``timestep`` lies before the calibration's retention step (always computed)."""
+        if retention_index <= 0:
+            return False
+        if retention_index >= len(self.timesteps):
+            return True
+        edge = self.timesteps[retention_index]
+        return (timestep - edge) * self.direction < 0
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """What is known of a run before its calls: the step count and, if a scheduler set it, its timesteps."""
+
+    num_steps: int | None = None
+    #: The scheduler's timesteps of this run (same units as ``ScheduleInfo.timesteps``).
+    timesteps: tuple[float, ...] | None = None
+
+    @classmethod
+    def of(cls, num_steps: int | None, timesteps: Sequence[float] | None = None) -> RunSchedule:
+        return cls(num_steps, tuple(float(t) for t in timesteps) if timesteps is not None else None)
+
+
+@dataclass(frozen=True)
+class MappedCurve:
+    """The curve one branch follows in one run, and how it was obtained.
+
+    ``values`` is set when the run's step count is known (one ratio per step). ``online`` is set
+    when it is not: each call's ratio then comes from its own and the previous call's timestep.
+    """
+
+    values: list[float] | None
+    how: str
+    retention_steps: int | None = None
+    online: TimestepMap | None = None
+    retention_index: int = 0
+    out_of_range: tuple[float, ...] = ()
+    #: True when the curve was mapped through timesteps (retention then follows the noise level too).
+    by_timesteps: bool = False
+
+
+@dataclass(frozen=True)
+class CurveTable:
+    """One calibration: curves per branch, measured over ``num_steps`` steps of one schedule."""
+
+    num_steps: int
+    branches: dict[str, list[float]]
+    #: The transformer's timestep argument at each step, when recorded.
+    timesteps: list[float] | None = None
+    schedule: ScheduleInfo | None = None
+    label: str = ""
+
+    @classmethod
+    def from_entry(cls, entry: CalibrationEntry) -> CurveTable:
+        recorded = entry.timesteps
+        stamps = [float(t) for t in recorded if t is not None] if recorded and None not in recorded else None
+        return cls(entry.num_steps, dict(entry.branches), stamps, entry.schedule, entry.source)
+
+
+def retention_steps(retention_ratio: float, num_steps: int) -> int:
+    """Steps at the start that are always computed (diffusers rounds half up)."""
+    return int(retention_ratio * num_steps + 0.5)
+
+
+def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
+    """Element-wise mean of branch curves (resampled by index to the longest when lengths differ)."""
+    if len(curves) == 1:
+        return [float(v) for v in curves[0]]
+    length = max(len(c) for c in curves)
+    resampled = [resample_nearest(c, length) for c in curves]
+    return [sum(values) / len(values) for values in zip(*resampled, strict=True)]
+
+
+def select_branch_curve(
+    curves: Mapping[str, Sequence[float]], branch: str, position: int | None = None
+) -> list[float]:
+    """Pick a branch's curve: exact name, then ``default``, then the curve at the same position."""
+    if branch in curves:
+        return list(curves[branch])
+    if DEFAULT_BRANCH in curves:
+        return list(curves[DEFAULT_BRANCH])
+    names = list(curves)
+    if position is not None and position < len(names):
+        return list(curves[names[position]])
+    return list(curves[names[0]])
+
+
+def module_curves(curves: Mapping[str, list[float]], module: str) -> dict[str, list[float]]:
+    """The curves of one transformer of a pipeline: ``transformer_2:cond`` belongs to ``transformer_2``.
+
+    Unprefixed names belong to the first transformer (and to any transformer without curves of its own).
+    """
+    prefix = f"{module}:"
+    own = {name[len(prefix):]: c for name, c in curves.items() if name.startswith(prefix)}
+    if own:
+        return own
+    plain = {name: c for name, c in curves.items() if ":" not in name}
+    return plain or dict(curves)
+
+
+@dataclass
+class CurveSource:
+    """Every calibration a config or strategy holds, and the rule for turning them into a run's curve."""
+
+    tables: list[CurveTable]
+    per_branch: bool = False
+    resample: ResampleMode = "auto"
+    retention_ratio: float = 0.2
+    _warned: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.tables:
+            raise ValueError("a curve source needs at least one calibration")
+
+    @classmethod
+    def from_config(cls, config: MagCacheConfig) -> CurveSource | None:
+        if config.mag_ratios is None:
+            return None
+        steps = max(len(c) for c in config.mag_ratios.values())
+        table = CurveTable(steps, dict(config.mag_ratios), config.timesteps, config.schedule, "config")
+        return cls([table], config.per_branch_curves, config.resample, config.retention_ratio)
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[CalibrationEntry], config: MagCacheConfig) -> CurveSource:
+        tables = [CurveTable.from_entry(e) for e in entries]
+        return cls(tables, config.per_branch_curves, config.resample, config.retention_ratio)
+
+    def uses_schedules(self) -> bool:
+        """Whether a run's scheduler timesteps can change the curve (worth one read per generation)."""
+        return self.resample != "index" and any(t.schedule is not None for t in self.tables)
+
+    # -- choosing --------------------------------------------------------------------------------
+    def table_for(self, num_steps: int | None) -> CurveTable:
+        """The calibration at the run's step count, else the nearest one (ties: the shorter)."""
+        if num_steps is None:
+            return self.tables[0]
+        return min(self.tables, key=lambda t: (abs(t.num_steps - num_steps), t.num_steps))
+
+    def raw_curve(self, table: CurveTable, branch: str, position: int, module: str = "transformer") -> list[float]:
+        curves = module_curves(table.branches, module)
+        if not self.per_branch:
+            return mean_curve(list(curves.values()))
+        return select_branch_curve(curves, branch, position)
+
+    # -- mapping ---------------------------------------------------------------------------------
+    def curve_for(
+        self, branch: str, position: int, run: RunSchedule, module: str = "transformer"
+    ) -> MappedCurve:
+        """The curve ``branch`` follows in ``run``: the one function behind the runtime and ``plan``."""
+        table = self.table_for(run.num_steps)
+        raw = self.raw_curve(table, branch, position, module)
+        retention_index = retention_steps(self.retention_ratio, len(raw))
+        source = f"{len(raw)}-step curve" + (f" ({table.label})" if table.label else "")
+        if self.resample != "index":
+            if run.timesteps is not None and table.schedule is not None and len(table.schedule.timesteps) == len(raw):
+                tmap = TimestepMap(raw, table.schedule.timesteps)
+                values = tmap.map(run.timesteps)
+                same = list(run.timesteps) == tmap.timesteps
+                how = (
+                    f"{source} as calibrated (same schedule)"
+                    if same
+                    else f"{source} mapped through scheduler timesteps onto {len(values)} steps"
+                    f" ({_describe_schedule(table.schedule)} → this run's)"
+                )
+                retained = sum(1 for t in run.timesteps if tmap.retained(t, retention_index))
+                return MappedCurve(
+                    values, how, retained, None, retention_index, tuple(tmap.outside(run.timesteps)), True
+                )
+            if table.timesteps is not None and len(table.timesteps) == len(raw):
+                tmap = TimestepMap(raw, table.timesteps)
+                how = f"{source} mapped online through the transformer's timestep argument, call by call"
+                return MappedCurve(None, how, None, tmap, retention_index, (), True)
+            if self.resample == "timesteps":
+                raise UsageError(
+                    f"resample='timesteps' but the {source} has no recorded timesteps"
+                    + (" matching this run (the run has no scheduler timesteps)" if table.timesteps is None else "")
+                    + "; recalibrate with magsdk.calibrate (it records them) or use resample='auto' / 'index'"
+                )
+            self._note_index_fallback(source)
+        if run.num_steps is None:
+            return MappedCurve(list(raw), f"{source} as is (the run's step count is unknown)", retention_index)
+        values = resample_nearest(raw, run.num_steps)
+        how = (
+            f"{source} as calibrated"
+            if len(raw) == run.num_steps
+            else f"{source} resampled by nearest index to {run.num_steps} steps"
+        )
+        return MappedCurve(values, how, retention_steps(self.retention_ratio, run.num_steps))
+
+    def _note_index_fallback(self, source: str) -> None:
+        if source not in self._warned:
+            self._warned.add(source)
+            logger.info("magsdk: the %s has no recorded timesteps; it is resampled by step index", source)
+
+
+def _describe_schedule(schedule: ScheduleInfo) -> str:
+    parts = [f"{schedule.num_steps} steps"]
+    if schedule.scheduler:
+        parts.append(schedule.scheduler)
+    shift = schedule.config.get("shift")
+    if shift not in (None, 1.0):
+        parts.append(f"shift {shift}")
+    if schedule.set_timesteps.get("mu") is not None:
+        parts.append(f"mu {float(schedule.set_timesteps['mu']):.3f}")
+    if schedule.resolution:
+        parts.append(schedule.resolution)
+    return ", ".join(parts)

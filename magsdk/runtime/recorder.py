@@ -1,0 +1,108 @@
+"""Calibration measurements: per step and branch, statistics of the residual's per-token norm ratio.
+
+Each step keeps *sums and counts* (Σ ratio, Σ ratio², Σ (1 − cos), number of tokens), not means,
+and keeps them on the device until the generation ends. Two reasons:
+
+- one device→host read per generation instead of several per step (calibrating costs what an
+  uncached generation costs);
+- sums reduce correctly across processes. Under context parallelism each rank sees a slice of
+  the tokens; reducing the sums over the sequence-sharding group gives every rank the curve a
+  single process would measure (docs/multi-gpu.md). Per-rank means would not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from magsdk.config import BranchCalibration
+
+#: Reduces a float64 tensor of sums across the processes that share a sequence (None: one process).
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BranchRunRecord:
+    """One branch over one generation, after the device→host read: per-step values."""
+
+    norm_ratios: list[float]
+    norm_stds: list[float]
+    cos_dists: list[float]
+    timesteps: list[float | None]
+
+
+@dataclass
+class BranchRecorder:
+    """Per-step sums of one branch during one generation (tensors until ``finish``)."""
+
+    sums: list[torch.Tensor | None] = field(default_factory=list)
+    timesteps: list[torch.Tensor | float | None] = field(default_factory=list)
+
+    def add(self, residual: torch.Tensor, previous: torch.Tensor | None, timestep: torch.Tensor | float | None) -> None:
+        self.timesteps.append(timestep)
+        if previous is None or previous.shape != residual.shape:
+            self.sums.append(None)  # the first step has nothing to compare with: ratio 1 by definition
+            return
+        with torch.no_grad():
+            # norms in float32 as diffusers computes them; the sums in float64
+            cur, prev = residual.float(), previous.float()
+            per_token = (torch.linalg.norm(cur, dim=-1) / (torch.linalg.norm(prev, dim=-1) + 1e-8)).double()
+            cos = torch.nn.functional.cosine_similarity(cur, prev, dim=-1).double()
+            count = torch.tensor(float(per_token.numel()), dtype=torch.float64, device=per_token.device)
+            self.sums.append(torch.stack([per_token.sum(), (per_token * per_token).sum(), (1.0 - cos).sum(), count]))
+
+    def finish(self, reduce: Reducer | None = None) -> BranchRunRecord:
+        """Means and stds per step: one stack, one optional collective, one read."""
+        present = [s for s in self.sums if s is not None]
+        values: list[list[float]] = []
+        if present:
+            stacked = torch.stack(present)
+            if reduce is not None:
+                stacked = reduce(stacked)
+            values = stacked.cpu().tolist()
+        ratios, stds, cos = [], [], []
+        it = iter(values)
+        for entry in self.sums:
+            if entry is None:
+                ratios.append(1.0)
+                stds.append(0.0)
+                cos.append(0.0)
+                continue
+            total, squares, cos_total, count = next(it)
+            mean = total / count
+            ratios.append(mean)
+            stds.append(max(squares / count - mean * mean, 0.0) ** 0.5)
+            cos.append(cos_total / count)
+        stamps = _floats(self.timesteps)
+        return BranchRunRecord(ratios, stds, cos, stamps)
+
+
+def _floats(values: list[torch.Tensor | float | None]) -> list[float | None]:
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).cpu().tolist()) if tensors else iter(())
+    return [next(read) if isinstance(v, torch.Tensor) else (float(v) if v is not None else None) for v in values]
+
+
+def merge_runs(runs: list[dict[str, BranchRunRecord]]) -> dict[str, BranchCalibration]:
+    """Mean curve per branch over the generations recorded, with the spread across them."""
+    names: list[str] = []
+    for run in runs:
+        names.extend(n for n in run if n not in names)
+    branches = {}
+    for name in names:
+        recs = [run[name] for run in runs if name in run]
+        length = min(len(r.norm_ratios) for r in recs)
+        ratios = torch.tensor([r.norm_ratios[:length] for r in recs], dtype=torch.float64)
+        stds = torch.tensor([r.norm_stds[:length] for r in recs], dtype=torch.float64)
+        cos = torch.tensor([r.cos_dists[:length] for r in recs], dtype=torch.float64)
+        branches[name] = BranchCalibration(
+            norm_ratios=ratios.mean(0).tolist(),
+            norm_stds=stds.mean(0).tolist(),
+            cos_dists=cos.mean(0).tolist(),
+            timesteps=list(recs[0].timesteps[:length]),
+            norm_ratio_spread=ratios.std(0, correction=0).tolist(),
+            num_runs=len(recs),
+        )
+    return branches
