@@ -51,6 +51,28 @@ def py_value(value: Any) -> str:
     raise TypeError(f"cannot write a {type(value).__name__} as a literal in a generated module: {value!r}")
 
 
+def py_literal(value: Any) -> str:
+    """A one-line literal for a JSON-like value (scalars, lists and string-keyed dicts of them)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(py_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{py_str(str(k))}: {py_literal(v)}" for k, v in value.items()) + "}"
+    return py_value(value)
+
+
+def _round_nested(value: Any) -> Any:
+    """``value`` as it reads back from its literal (floats rounded to ``DECIMALS``)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float):
+        return float(py_float(value))
+    if isinstance(value, (list, tuple)):
+        return [_round_nested(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _round_nested(v) for k, v in value.items()}
+    return value
+
+
 def py_float(value: float | None) -> str:
     """Round to ``DECIMALS`` and print the shortest form that reads back as the same float."""
     if value is None:
@@ -93,6 +115,12 @@ def format_entry(entry: CalibrationEntry, indent: str = ENTRY_INDENT) -> str:
         if value is None or (key == "source" and not value):
             continue
         lines.append(f"{inner}{py_str(key)}: {py_value(value)},")
+    if entry.settings:
+        # One setting a line, in the order they were recorded: easy to read and to diff.
+        lines.append(f"{inner}{py_str('settings')}: {{")
+        for name, value in entry.settings.items():
+            lines.append(f"{inner}    {py_str(str(name))}: {py_literal(value)},")
+        lines.append(f"{inner}}},")
     lines.extend(_curve_dict("branches", entry.branches, inner))
     if entry.spread:
         lines.extend(_curve_dict("spread", entry.spread, inner))
@@ -124,5 +152,6 @@ def round_entry(entry: CalibrationEntry) -> CalibrationEntry:
             "branches": {k: r(v) for k, v in entry.branches.items()},
             "spread": {k: r(v) for k, v in entry.spread.items()},
             "timesteps": [None if t is None else float(py_float(t)) for t in entry.timesteps],
+            "settings": _round_nested(entry.settings),
         }
     )

@@ -15,6 +15,7 @@ from magsdk.errors import UsageError
 from magsdk.ratios import plan as make_plan
 from magsdk.registry import StrategyRegistry
 from magsdk.strategy import MagCacheStrategy
+from magsdk.workflow.checks import check_cache_settings
 
 
 def _load_curves(strategy: str | None, ratios: str | None, steps: int) -> tuple[dict[str, list[float]], str]:
@@ -52,16 +53,17 @@ def _validated(data: object) -> dict[str, list[float]]:
 
 
 def _strategy_by_name(name: str) -> type[MagCacheStrategy]:
-    strategies = StrategyRegistry.all()
-    for key, cls in strategies.items():
-        if name in (key, cls.__name__, cls.__module__, cls.__module__.rsplit(".", 1)[-1]):
-            return cls
-    known = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]} ({k})" for k, c in sorted(strategies.items()))
-    raise UsageError(f"unknown strategy {name!r}; known: {known or 'none'}. `magsdk list` shows them.")
+    """A transformer class, strategy class or module name, a dotted module, or a strategy file's path."""
+    return StrategyRegistry.resolve(name)
+
 
 
 def plan_command(
-    strategy: str | None = typer.Option(None, "--strategy", "-s", help="Strategy module or transformer class."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", "-s",
+        help="Strategy module name, transformer class, dotted module or path/to/module.py "
+        "(also found in ./strategies/ and $MAGSDK_STRATEGY_PATH).",
+    ),
     ratios: str | None = typer.Option(None, "--ratios", help="JSON file (list, dict or calibration) or a,b,c."),
     steps: int = typer.Option(28, "--steps", "-n", help="Number of inference steps of the run."),
     threshold: float | None = typer.Option(None, help="Accumulated-error threshold (default: strategy's)."),
@@ -70,20 +72,24 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", help="Print the SkipPlan(s) as JSON."),
 ) -> None:
     """Print the skip schedule and the ideal speedup for a curve, before anything runs."""
-    if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+    if steps < 2:
+        raise UsageError(f"--steps {steps}: a plan needs at least 2 steps (step 0 always computes)")
+    given = {
+        name: value
+        for name, value in (("threshold", threshold), ("max_skip_steps", max_skip_steps),
+                            ("retention_ratio", retention_ratio))
+        if value is not None
+    }
+    check_cache_settings(given)  # before any strategy loads
     curves, source = _load_curves(strategy, ratios, steps)
     defaults = _strategy_by_name(strategy) if strategy else MagCacheStrategy
     settings = {
-        "threshold": defaults.threshold if threshold is None else threshold,
-        "max_skip_steps": defaults.max_skip_steps if max_skip_steps is None else max_skip_steps,
-        "retention_ratio": defaults.retention_ratio if retention_ratio is None else retention_ratio,
+        "threshold": defaults.threshold,
+        "max_skip_steps": defaults.max_skip_steps,
+        "retention_ratio": defaults.retention_ratio,
+        **given,
     }
-    try:
-        config = MagCacheConfig(mag_ratios=curves, **settings)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UsageError(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+    config = MagCacheConfig(mag_ratios=curves, **settings)
     plans = {branch: make_plan(curve, config, steps) for branch, curve in curves.items()}
     if as_json:
         typer.echo(json.dumps({b: p.model_dump() for b, p in plans.items()}, indent=2))
