@@ -90,7 +90,7 @@ def plan_command(
         **given,
     }
     config = MagCacheConfig(mag_ratios=curves, **settings)
-    plans = {branch: make_plan(curve, config, steps) for branch, curve in curves.items()}
+    plans = {branch: make_plan(curves, config, steps, branch=branch) for branch in curves}
     if as_json:
         typer.echo(json.dumps({b: p.model_dump() for b, p in plans.items()}, indent=2))
         return

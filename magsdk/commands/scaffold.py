@@ -205,8 +205,8 @@ def plan_table(entry: CalibrationEntry, threshold: float, max_skip_steps: int, r
     table = Table()
     for column in ("branch", "computed", "skipped", "ideal speedup", "schedule (C = compute, . = skip)"):
         table.add_column(column)
-    for branch, curve in entry.branches.items():
-        p = plan(curve, config, entry.num_steps)
+    for branch in entry.branches:
+        p = plan(entry.branches, config, entry.num_steps, branch=branch)  # as the runtime plans this branch
         table.add_row(branch, str(len(p.computed_steps)), str(len(p.skipped_steps)), f"{p.ideal_speedup:.2f}x",
                       p.schedule_string())
     return Group(heading, table)
