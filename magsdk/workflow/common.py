@@ -275,7 +275,7 @@ def existing_module(path: Path, skeleton: str, transformer: str, *, force: bool,
     try:
         entries = check_calibrations(read_calibrations(old, path.name), path.name)
     except (StrategyFileError, StrategyValidationError) as exc:
-        if same:
+        if same and not force:
             raise UsageError(f"{exc}. Fix the entry, or pass --force to replace the module without it.") from exc
         return Existing(text=old, dropped=f"the calibrations of {path} cannot be read ({exc}); they are not kept")
     return Existing(text=old, same_skeleton=same, entries=entries)

@@ -224,6 +224,16 @@ def scaffold_from_cache(options: ScaffoldOptions, *, log: Log = quiet) -> Scaffo
     from magsdk.workflow.cache import entry_from_record, find_cached
 
     check_options(options)
+    ignored = [flag for flag, value in (
+        ("--steps", options.steps), ("--prompts", options.prompts), ("--seeds", options.seeds),
+        ("--driver", options.driver), ("--height", options.height), ("--width", options.width),
+        ("--call-arg", options.call_kwargs or None), ("--device", options.device), ("--dtype", options.dtype),
+    ) if value is not None]
+    if ignored:
+        raise UsageError(
+            f"--from-cache takes the curve as it was measured; {', '.join(ignored)} would not be used. Leave "
+            f"{'it' if len(ignored) == 1 else 'them'} out, or calibrate anew with `magsdk scaffold --model ...`"
+        )
     path, record = find_cached(options.from_cache or "")
     key = record.key
     if options.model is not None:
