@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
-import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from magsdk.errors import MagSDKError
 
@@ -45,32 +46,43 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _is(exc: BaseException, name: str) -> bool:
+    """Whether ``exc`` is click's ``name`` exception: click's own, or the copy typer vendors (typer ≥ 0.20)."""
+    return any(cls.__name__ == name and cls.__module__.split(".")[0] in ("click", "typer") for cls in type(exc).__mro__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code instead of raising SystemExit."""
+    """Console-script entry point; returns the exit code instead of raising SystemExit.
+
+    ``--debug`` adds the traceback to an error; it never changes the exit code.
+    """
+    from magsdk.commands import set_invocation
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    set_invocation(args)
     try:
         app(args=args, prog_name="magsdk", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 1
-    except click.ClickException as exc:
-        exc.show()
-        return 2
     except MagSDKError as exc:
         if debug:
-            raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if _is(exc, "Exit"):
+            return int(getattr(exc, "exit_code", 0))
+        if _is(exc, "Abort"):
+            err_console.print("aborted")
+            return 1
+        if _is(exc, "ClickException"):
+            exc.show()  # type: ignore[attr-defined]
+            return 2 if _is(exc, "UsageError") else int(getattr(exc, "exit_code", 1))
         if debug:
-            raise
+            traceback.print_exc()
         err_console.print(
-            f"[bold red]error:[/] {type(exc).__name__}: {exc}\n(run with --debug for the traceback)",
+            f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}\n(run with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -254,6 +254,10 @@ class CalibrationEntry(BaseModel):
     num_seeds: int | None = None
     diffusers_version: str | None = None
     synthetic: bool = False
+    #: How the generations were made: the pipeline call's keyword arguments (height, width,
+    #: num_inference_steps, guidance and CFG settings...), device and dtype, or the synthetic
+    #: loop's inputs. Empty in entries written before magsdk recorded it.
+    settings: dict[str, Any] = Field(default_factory=dict)
     #: The schedule the curve was measured on (scheduler timesteps, shift, resolution); absent in old entries.
     schedule: ScheduleInfo | None = None
 

@@ -59,7 +59,8 @@ class TimestepMap:
             raise ValueError("a timestep map needs at least two steps")
         self.curve = [float(v) for v in curve]
         self.timesteps = [float(t) for t in timesteps]
-        self.index = {t: i for i, t in enumerate(self.timesteps)}
+        # Stored calibrations keep 5 decimals: a run's own timestep matches its stored value within this.
+        self.tolerance = max(1e-5, 1e-8 * (max(self.timesteps) - min(self.timesteps)))
         logs = np.log(np.asarray(self.curve[1:], dtype=np.float64))
         cumulative = np.concatenate([[0.0], np.cumsum(logs)])
         order = np.argsort(np.asarray(self.timesteps))
@@ -69,8 +70,17 @@ class TimestepMap:
         self.direction = 1.0 if self.timesteps[-1] > self.timesteps[0] else -1.0
         self.low, self.high = float(self._xs[0]), float(self._xs[-1])
 
+    def _index(self, timestep: float) -> int | None:
+        position = int(np.argmin(np.abs(np.asarray(self.timesteps) - timestep)))
+        return position if abs(self.timesteps[position] - timestep) <= self.tolerance else None
+
+    def same_schedule(self, timesteps: Sequence[float]) -> bool:
+        return len(timesteps) == len(self.timesteps) and all(
+            abs(a - b) <= self.tolerance for a, b in zip(timesteps, self.timesteps, strict=True)
+        )
+
     def ratio(self, previous: float, current: float) -> float:
-        i, j = self.index.get(previous), self.index.get(current)
+        i, j = self._index(previous), self._index(current)
         if i is not None and j is not None and j == i + 1:
             return self.curve[j]
         grown = np.interp(current, self._xs, self._ys) - np.interp(previous, self._xs, self._ys)
@@ -79,7 +89,7 @@ class TimestepMap:
     def map(self, timesteps: Sequence[float]) -> list[float]:
         """The curve on another schedule; its first value is the calibration's first (step 0 has no past)."""
         values = [float(t) for t in timesteps]
-        if values == self.timesteps:
+        if self.same_schedule(values):
             return list(self.curve)
         return [self.curve[0], *(self.ratio(a, b) for a, b in itertools.pairwise(values))]
 
@@ -95,7 +105,7 @@ class TimestepMap:
         if retention_index >= len(self.timesteps):
             return True
         edge = self.timesteps[retention_index]
-        return (timestep - edge) * self.direction < 0
+        return (timestep - edge) * self.direction < -self.tolerance
 
 
 @dataclass(frozen=True)
@@ -245,7 +255,7 @@ class CurveSource:
             if run.timesteps is not None and table.schedule is not None and len(table.schedule.timesteps) == len(raw):
                 tmap = TimestepMap(raw, table.schedule.timesteps)
                 values = tmap.map(run.timesteps)
-                same = list(run.timesteps) == tmap.timesteps
+                same = tmap.same_schedule(run.timesteps)
                 how = (
                     f"{source} as calibrated (same schedule)"
                     if same

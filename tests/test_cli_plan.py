@@ -33,7 +33,7 @@ def test_plan_from_ratio_list_and_file(tmp_path, capsys):
 
 def test_usage_errors_exit_2_with_a_message(capsys):
     assert main(["plan", "--strategy", "nope"]) == 2
-    assert "unknown strategy 'nope'" in capsys.readouterr().err
+    assert "no MagCache strategy found for 'nope'" in capsys.readouterr().err
     assert main(["plan", "--ratios", "1,nan"]) == 2
     assert "nan" in capsys.readouterr().err
     assert main(["plan", "--strategy", "flux", "--steps", "0"]) == 2
@@ -46,10 +46,31 @@ def test_console_script_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "magsdk.cli", "plan", "--strategy", "nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "unknown strategy" in proc.stderr
+    assert "Traceback" not in proc.stderr and "no MagCache strategy found" in proc.stderr
 
 
 def test_list_shows_both_strategies(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "FluxTransformer2DModel" in out and "Flux2Transformer2DModel" in out and "strategies.flux2_klein" in out
+
+
+def test_bad_settings_name_the_flag_and_the_value(capsys):
+    cases = [
+        (["--threshold", "-1"], "--threshold -1.0"),
+        (["-k", "-2"], "--max-skip-steps/-k -2"),
+        (["--retention-ratio", "1.5"], "--retention-ratio 1.5"),
+        (["--steps", "1"], "--steps 1"),
+    ]
+    for extra, message in cases:
+        assert main(["plan", "--strategy", "flux", *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+
+
+def test_output_to_a_file_is_not_truncated(capsys):
+    """Captured output is not a terminal: a 150-step schedule and every name stay whole, on one line."""
+    assert main(["plan", "--strategy", "flux", "--steps", "150", "--threshold", "0.24"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "default" in line]
+    assert len(rows) == 1 and len(rows[0].split("│")[5].strip()) == 150
+    assert "MagCache plan: FluxStrategy, 150 steps, threshold=0.24, K=3, retention=0.2" in out

@@ -23,7 +23,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_lists_every_package_and_data_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in ("magsdk", "magsdk/runtime", "magsdk/inspect", "magsdk/codegen", "magsdk/calibration",
-                    "magsdk/commands", "magsdk/reference", "magsdk/templates", "strategies"):
+                    "magsdk/commands", "magsdk/reference", "magsdk/templates", "magsdk/workflow", "strategies"):
         assert f"{package}/__init__.py" in names, package
     for data in ("magsdk/templates/strategy.py.j2", "magsdk/templates/test_strategy.py.j2",
                  "strategies/flux.py", "strategies/flux2_klein.py", "magsdk/py.typed",

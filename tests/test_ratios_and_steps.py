@@ -91,18 +91,12 @@ def test_tracker_without_timesteps_counts_calls_per_branch():
 
 
 def test_user_strategy_registered_first_is_not_replaced_by_discovery():
-    from magsdk.codegen.validate import isolated_registry
-
-    with isolated_registry():
-        magsdk.StrategyRegistry._registry.pop("FluxTransformer2DModel", None)
-        magsdk.StrategyRegistry._discovered = False
-        import sys
-
-        sys.modules.pop("strategies.flux", None)
+    with magsdk.StrategyRegistry.isolated():
+        magsdk.StrategyRegistry.reset()  # as in a fresh process: nothing registered, nothing discovered
 
         class MyFlux(FluxStrategy):
             threshold = 0.3
 
         assert magsdk.StrategyRegistry.get("FluxTransformer2DModel") is MyFlux
-        magsdk.StrategyRegistry.all()  # imports strategies/flux.py again
+        magsdk.StrategyRegistry.all()  # discovers the bundled strategies/flux.py
         assert magsdk.StrategyRegistry.get("FluxTransformer2DModel") is MyFlux

@@ -1,29 +1,7 @@
-"""Run a model inside ``magsdk.calibrate`` and turn the averaged curves into a ``CalibrationEntry``."""
+"""Calibration for scaffold / calibrate (``drivers``, ``settings``, ``synthetic``, ``plot``) and the
+user cache of curves (``curve_store``).
 
-from magsdk.calibration.drivers import (
-    DEFAULT_PROMPTS,
-    DEFAULT_SIZE,
-    CalibrationRunError,
-    LoadedModel,
-    is_pipeline_target,
-    load_driver,
-    load_model,
-    pipeline_call_kwargs,
-    read_prompts,
-    run_calibration,
-    to_entry,
-)
-
-__all__ = [
-    "DEFAULT_PROMPTS",
-    "DEFAULT_SIZE",
-    "CalibrationRunError",
-    "LoadedModel",
-    "is_pipeline_target",
-    "load_driver",
-    "load_model",
-    "pipeline_call_kwargs",
-    "read_prompts",
-    "run_calibration",
-    "to_entry",
-]
+Nothing is imported here on purpose: the runtime imports ``magsdk.calibration.curve_store``
+(stdlib, pydantic and ``magsdk.config`` only), and that must not pull in torch-heavy drivers,
+rich or the inspection code. Import from the submodules.
+"""

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,25 +28,29 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 import magsdk
+from magsdk.calibration.settings import (
+    CalibrationRequest,
+    CalibrationSettings,
+    default_device,
+    resolve_loop_settings,
+    resolve_pipeline_settings,
+)
 from magsdk.config import CalibrationEntry, CalibrationResult
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.inspect.targets import load_file_module
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
-
-#: Prompts used when none are given (the bundled reference pipeline draws handwritten digits).
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "a handwritten digit zero",
-    "a handwritten digit three",
-    "a handwritten digit seven",
-    "a handwritten digit nine",
-)
-#: Image side used when --height / --width are not given: small, so calibration is cheap on a CPU.
-DEFAULT_SIZE = 32
 
 DriverFn = Callable[[torch.nn.Module, int, int], None]
 """``(transformer, steps, seed) -> None``: run one generation of ``steps`` steps with ``seed``."""
@@ -123,13 +127,20 @@ def check_pipeline_folder(target: str) -> None:
         )
 
 
-def load_pipeline(target: str) -> Any:
-    """``DiffusionPipeline.from_pretrained``, on the GPU when there is one; a clear error when offline."""
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def load_pipeline(target: str, *, device: str | None = None, dtype: str | None = None) -> Any:
+    """``DiffusionPipeline.from_pretrained`` on ``device`` (CUDA when there is one) in ``dtype``."""
     from diffusers import DiffusionPipeline
 
     check_pipeline_folder(target)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["torch_dtype"] = _torch_dtype(dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(target)
+        pipe = DiffusionPipeline.from_pretrained(target, **kwargs)
     except Exception as exc:
         local = Path(target).is_dir()
         hint = (
@@ -144,8 +155,7 @@ def load_pipeline(target: str) -> Any:
             f"the pipeline {target!r} ({type(pipe).__name__}) has no transformer; magsdk caches diffusion "
             "transformers"
         )
-    if torch.cuda.is_available():
-        pipe.to("cuda")
+    pipe.to(device or default_device())
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -165,35 +175,68 @@ class LoadedModel:
     def transformer_cls_name(self) -> str:
         return type(self.transformer).__name__
 
+    @property
+    def folder(self) -> Path | None:
+        """The local model folder (where recorded call settings may live)."""
+        path = Path(self.target)
+        return path if path.is_dir() else None
 
-def load_model(target: str) -> LoadedModel:
+    @property
+    def device(self) -> str:
+        param = next(self.transformer.parameters(), None)
+        return str(param.device) if param is not None else "cpu"
+
+    @property
+    def dtype(self) -> str:
+        param = next(self.transformer.parameters(), None)
+        return str(param.dtype).removeprefix("torch.") if param is not None else "float32"
+
+
+def load_model(target: str, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """A pipeline for pipeline targets, else the transformer (pretrained from a folder, else small)."""
     if is_pipeline_target(target):
-        pipe = load_pipeline(target)
+        pipe = load_pipeline(target, device=device, dtype=dtype)
         return LoadedModel(target=target, transformer=pipe.transformer, pipeline=pipe, weights="pipeline")
     from magsdk.calibration.synthetic import load_transformer
 
     transformer, weights = load_transformer(target)
+    transformer.to(device=device or default_device(), dtype=_torch_dtype(dtype))
     return LoadedModel(target=target, transformer=transformer, weights=weights)
+
+
+def resolve_settings(request: CalibrationRequest, loaded: LoadedModel) -> CalibrationSettings:
+    """What calibration of ``loaded`` will run (see ``magsdk.calibration.settings``)."""
+    if loaded.pipeline is not None and request.driver is None:
+        return resolve_pipeline_settings(
+            request, loaded.pipeline, loaded.folder, device=loaded.device, dtype=loaded.dtype
+        )
+    return resolve_loop_settings(request, device=loaded.device, dtype=loaded.dtype)
 
 
 # -- progress ---------------------------------------------------------------------------------------
 @contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
+def progress_bar(
+    enabled: bool, description: str, total: int, console: Console | None = None
+) -> Iterator[Callable[[str], None]]:
+    """A bar that advances once per generation, with the time left; ``advance(label)`` names the one done."""
     if not enabled:
-        yield lambda: None
+        yield lambda _label: None
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("generations"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[label]}"),
+        console=console or Console(stderr=True),
         transient=True,
     )
     with progress:
-        task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
+        task = progress.add_task(description, total=total, label="")
+        yield lambda label: progress.update(task, advance=1, label=label)
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -201,54 +244,28 @@ def seeds_of(count: int) -> list[int]:
     return list(range(count))
 
 
-def pipeline_call_kwargs(
-    pipe: Any,
-    prompt: str,
-    seed: int,
-    steps: int,
-    height: int | None,
-    width: int | None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+def pipeline_call_kwargs(pipe: Any, prompt: str, seed: int, call: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of one calibration generation (tests replay them exactly)."""
     params = inspect.signature(pipe.__call__).parameters
-    kwargs: dict[str, Any] = {
-        "prompt": prompt,
-        "num_inference_steps": steps,
-        "generator": torch.Generator("cpu").manual_seed(seed),
-    }
-    if "height" in params:
-        kwargs["height"] = height or DEFAULT_SIZE
-    if "width" in params:
-        kwargs["width"] = width or DEFAULT_SIZE
+    kwargs: dict[str, Any] = {"prompt": prompt, "generator": torch.Generator("cpu").manual_seed(seed)}
     if "output_type" in params:
         kwargs["output_type"] = "latent"  # the transformer's calls are all calibration needs
-    if extra:
-        # Calibrate the way the model is sampled (e.g. true CFG: both branches get their curve).
-        kwargs.update(extra)
+    kwargs.update(call)
     return kwargs
 
 
 def run_pipeline(
-    pipe: Any,
-    strategy: MagCacheStrategy,
-    *,
-    steps: int,
-    prompts: Sequence[str],
-    seeds: int,
-    height: int | None = None,
-    width: int | None = None,
-    progress: bool = True,
-    call_kwargs: Mapping[str, Any] | None = None,
+    pipe: Any, strategy: MagCacheStrategy, settings: CalibrationSettings, *, progress: bool = True
 ) -> CalibrationResult:
     """Every prompt × seed through the pipeline inside one ``magsdk.calibrate`` (averaged there)."""
-    runs = [(p, s) for p in prompts for s in seeds_of(seeds)]
-    with _progress(progress, f"calibrating {type(pipe.transformer).__name__}", len(runs)) as advance:
+    runs = [(p, s) for p in settings.prompts for s in seeds_of(settings.seeds)]
+    steps = settings.steps
+    with progress_bar(progress, f"calibrating {type(pipe.transformer).__name__}", len(runs)) as advance:
         cal = magsdk.calibrate(pipe, strategy=strategy)
         with cal, torch.no_grad():
             for prompt, seed in runs:
                 try:
-                    pipe(**pipeline_call_kwargs(pipe, prompt, seed, steps, height, width, call_kwargs))
+                    pipe(**pipeline_call_kwargs(pipe, prompt, seed, settings.call_kwargs))
                 except MagSDKError:
                     raise
                 except Exception as exc:
@@ -256,7 +273,7 @@ def run_pipeline(
                         f"{type(pipe).__name__} failed on prompt {prompt!r}, seed {seed}, {steps} steps: "
                         f"{type(exc).__name__}: {exc}. Nothing was written."
                     ) from exc
-                advance()
+                advance(f"{prompt[:40]!r} seed {seed}")
     assert cal.result is not None
     return cal.result
 
@@ -272,7 +289,7 @@ def run_driver(
     progress: bool = True,
 ) -> CalibrationResult:
     """The user's driver once per seed, inside one ``magsdk.calibrate``."""
-    with _progress(progress, f"calibrating {type(transformer).__name__}", seeds) as advance:
+    with progress_bar(progress, f"calibrating {type(transformer).__name__}", seeds) as advance:
         cal = magsdk.calibrate(transformer, strategy=strategy)
         with cal:
             for seed in seeds_of(seeds):
@@ -285,7 +302,7 @@ def run_driver(
                         f"the driver {label} raised {type(exc).__name__}: {exc} (steps={steps}, seed={seed}). "
                         "Fix the driver; nothing was written."
                     ) from exc
-                advance()
+                advance(f"seed {seed}")
     assert cal.result is not None
     _check_steps(cal.result, steps, f"the driver {label}")
     return cal.result
@@ -303,53 +320,57 @@ def _check_steps(result: CalibrationResult, steps: int, who: str) -> None:
 def run_calibration(
     loaded: LoadedModel,
     strategy: MagCacheStrategy,
+    settings: CalibrationSettings,
     *,
-    steps: int,
-    prompts: Sequence[str] | None = None,
-    seeds: int = 2,
-    driver: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
     progress: bool = True,
-    call_kwargs: Mapping[str, Any] | None = None,
+    timestep_name: str | None = None,
+    command: str = "magsdk scaffold",
 ) -> tuple[CalibrationResult, CalibrationEntry]:
-    """Run the right driver for ``loaded`` and return the averaged result and its entry."""
+    """Run the generations ``settings`` describe on ``loaded`` and return the averaged result and its entry.
+
+    ``timestep_name`` (from the inspection) helps the synthetic loop find the timestep among
+    ``--inputs``; ``command`` is named in hints about options.
+    """
     import diffusers
 
+    steps, seeds = settings.steps, settings.seeds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        if driver is not None:
-            fn = load_driver(driver)
+        if settings.kind == "driver":
+            assert settings.driver is not None
+            fn = load_driver(settings.driver)
             result = run_driver(
-                loaded.transformer, fn, strategy, steps=steps, seeds=seeds, label=driver, progress=progress
+                loaded.transformer, fn, strategy, steps=steps, seeds=seeds, label=settings.driver, progress=progress
             )
-            source = f"magsdk.calibrate on {loaded.target} with --driver {driver}, {_count(seeds, 'seed')}"
+            source = f"magsdk.calibrate on {loaded.target} with --driver {settings.driver}, {_count(seeds, 'seed')}"
             entry = to_entry(result, steps=steps, source=source, num_seeds=seeds)
-        elif loaded.pipeline is not None:
-            prompt_list = list(prompts or DEFAULT_PROMPTS)
+        elif settings.kind == "pipeline":
             pipe = loaded.pipeline
-            result = run_pipeline(
-                pipe, strategy, steps=steps, prompts=prompt_list, seeds=seeds, height=height, width=width,
-                progress=progress, call_kwargs=call_kwargs,
-            )
+            result = run_pipeline(pipe, strategy, settings, progress=progress)
             _check_steps(result, steps, type(pipe).__name__)
-            h, w = height or DEFAULT_SIZE, width or DEFAULT_SIZE
+            call = settings.call_kwargs
+            shape = f"{call['height']}x{call['width']}" if "height" in call and "width" in call else None
             source = (
                 f"magsdk.calibrate on {loaded.target} ({type(pipe).__name__}), "
-                f"{_count(len(prompt_list), 'prompt')} x {_count(seeds, 'seed')} at {h}x{w}"
+                f"{_count(len(settings.prompts), 'prompt')} x {_count(seeds, 'seed')}"
+                + (f" at {shape}" if shape else "")
             )
             scheduler = getattr(pipe, "scheduler", None)
             entry = to_entry(
                 result, steps=steps, source=source, scheduler=type(scheduler).__name__ if scheduler else None,
-                shape=f"{h}x{w}", num_prompts=len(prompt_list), num_seeds=seeds,
+                shape=shape, num_prompts=len(settings.prompts), num_seeds=seeds,
             )
         else:
             from magsdk.calibration.synthetic import run_synthetic
 
-            result, shape = run_synthetic(loaded.transformer, strategy, steps=steps, seeds=seeds, progress=progress)
+            result, shape = run_synthetic(
+                loaded.transformer, strategy, steps=steps, seeds=seeds, progress=progress, inputs=settings.inputs,
+                timestep_name=timestep_name, command=command,
+            )
             _check_steps(result, steps, "the synthetic Euler loop")
+            made = f"--inputs {settings.inputs}" if settings.inputs else "synthesized inputs"
             source = (
-                f"magsdk.calibrate on {loaded.target}: flow-matching Euler loop over synthesized inputs, "
+                f"magsdk.calibrate on {loaded.target}: flow-matching Euler loop over {made}, "
                 f"{loaded.weights}, {_count(seeds, 'seed')} (synthetic)"
             )
             entry = to_entry(
@@ -357,11 +378,11 @@ def run_calibration(
                 shape=shape, num_seeds=seeds, synthetic=True,
             )
             logger.warning(
-                "%s: no pipeline and no --driver, so the curve was measured on synthesized inputs (%s); it is "
+                "%s: no pipeline and no --driver, so the curve was measured on %s (%s); it is "
                 "marked synthetic. Recalibrate on real generations before relying on it.",
-                loaded.target, loaded.weights,
+                loaded.target, made, loaded.weights,
             )
-    entry = entry.model_copy(update={"diffusers_version": diffusers.__version__})
+    entry = entry.model_copy(update={"diffusers_version": diffusers.__version__, "settings": settings.record()})
     result.synthetic = entry.synthetic
     result.scheduler = entry.scheduler
     result.num_steps = steps
@@ -404,4 +425,5 @@ def to_entry(
         num_prompts=num_prompts,
         num_seeds=num_seeds,
         synthetic=synthetic,
+        schedule=result.schedule,
     )

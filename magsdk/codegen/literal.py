@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from magsdk.config import CalibrationEntry
+from magsdk.config import CalibrationEntry, ScheduleInfo
 
 #: Decimals kept for every float of a calibration (ratios, spreads, timesteps).
 DECIMALS = 5
@@ -49,6 +49,28 @@ def py_value(value: Any) -> str:
     if isinstance(value, float):
         return py_float(value)
     raise TypeError(f"cannot write a {type(value).__name__} as a literal in a generated module: {value!r}")
+
+
+def py_literal(value: Any) -> str:
+    """A one-line literal for a JSON-like value (scalars, lists and string-keyed dicts of them)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(py_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{py_str(str(k))}: {py_literal(v)}" for k, v in value.items()) + "}"
+    return py_value(value)
+
+
+def _round_nested(value: Any) -> Any:
+    """``value`` as it reads back from its literal (floats rounded to ``DECIMALS``)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float):
+        return float(py_float(value))
+    if isinstance(value, (list, tuple)):
+        return [_round_nested(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _round_nested(v) for k, v in value.items()}
+    return value
 
 
 def py_float(value: float | None) -> str:
@@ -93,6 +115,12 @@ def format_entry(entry: CalibrationEntry, indent: str = ENTRY_INDENT) -> str:
         if value is None or (key == "source" and not value):
             continue
         lines.append(f"{inner}{py_str(key)}: {py_value(value)},")
+    if entry.settings:
+        # One setting a line, in the order they were recorded: easy to read and to diff.
+        lines.append(f"{inner}{py_str('settings')}: {{")
+        for name, value in entry.settings.items():
+            lines.append(f"{inner}    {py_str(str(name))}: {py_literal(value)},")
+        lines.append(f"{inner}}},")
     lines.extend(_curve_dict("branches", entry.branches, inner))
     if entry.spread:
         lines.extend(_curve_dict("spread", entry.spread, inner))
@@ -100,8 +128,34 @@ def format_entry(entry: CalibrationEntry, indent: str = ENTRY_INDENT) -> str:
         lines.append(f"{inner}{py_str('timesteps')}: [")
         lines.extend(pack_numbers(entry.timesteps, inner + "    "))
         lines.append(f"{inner}],")
+    if entry.schedule is not None:
+        lines.extend(_schedule_lines(entry.schedule, inner))
     lines.append(f"{indent}}}")
     return "\n".join(lines)
+
+
+#: Scalar and small-dict fields of a schedule, one a line; the per-step lists follow, packed.
+_SCHEDULE_SCALARS = ("scheduler", "config", "set_timesteps", "image_tokens", "resolution", "note")
+_SCHEDULE_LISTS = ("timesteps", "sigmas", "input_sigmas")
+
+
+def _schedule_lines(schedule: ScheduleInfo, indent: str) -> list[str]:
+    inner = indent + "    "
+    lines = [f"{indent}{py_str('schedule')}: {{"]
+    for key in _SCHEDULE_SCALARS:
+        value = getattr(schedule, key)
+        if value is None or value == {}:
+            continue
+        lines.append(f"{inner}{py_str(key)}: {py_literal(value)},")
+    for key in _SCHEDULE_LISTS:
+        values = getattr(schedule, key)
+        if values is None:
+            continue
+        lines.append(f"{inner}{py_str(key)}: [")
+        lines.extend(pack_numbers(values, inner + "    "))
+        lines.append(f"{inner}],")
+    lines.append(f"{indent}}},")
+    return lines
 
 
 def format_calibrations(entries: Sequence[CalibrationEntry]) -> str:
@@ -124,5 +178,13 @@ def round_entry(entry: CalibrationEntry) -> CalibrationEntry:
             "branches": {k: r(v) for k, v in entry.branches.items()},
             "spread": {k: r(v) for k, v in entry.spread.items()},
             "timesteps": [None if t is None else float(py_float(t)) for t in entry.timesteps],
+            "settings": _round_nested(entry.settings),
+            "schedule": _round_schedule(entry.schedule),
         }
     )
+
+
+def _round_schedule(schedule: ScheduleInfo | None) -> ScheduleInfo | None:
+    if schedule is None:
+        return None
+    return ScheduleInfo.model_validate(_round_nested(schedule.model_dump()))

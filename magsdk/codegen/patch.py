@@ -44,6 +44,25 @@ def parse_strategy_source(source: str, filename: str = "<strategy>") -> cst.Modu
         ) from exc
 
 
+#: What a strategy module needs so that magsdk can store calibrations in it (the error's hint).
+CALIBRATIONS_IMPORTS = ("from typing import Any", "from magsdk import load_calibrations")
+CALIBRATIONS_LINE = f"{CALIBRATIONS_NAME}: list[dict[str, Any]] = []"
+CALIBRATIONS_CLASS_LINE = f"calibrations = load_calibrations({CALIBRATIONS_NAME})"
+
+
+def missing_calibrations_message(filename: str) -> str:
+    """Lines that, added as they are, make the module patchable and keep it ``mypy --strict`` clean."""
+    return (
+        f"{filename} has no module-level `{CALIBRATIONS_NAME} = [...]` assignment, so magsdk has nowhere to write "
+        "the calibration; the file was not changed. Add these lines at module level, after its imports:\n\n"
+        + "".join(f"    {line}\n" for line in CALIBRATIONS_IMPORTS)
+        + f"    {CALIBRATIONS_LINE}\n\n"
+        "and this line in the body of the strategy class (indented like its other attributes):\n\n"
+        f"    {CALIBRATIONS_CLASS_LINE}\n\n"
+        "then run the command again."
+    )
+
+
 def _is_calibrations_target(node: cst.BaseExpression) -> bool:
     return isinstance(node, cst.Name) and node.value == CALIBRATIONS_NAME
 
@@ -61,13 +80,13 @@ def _find_literal(source: str, filename: str) -> _Literal:
                 values.append(small.value)
             elif isinstance(small, cst.Assign) and any(_is_calibrations_target(t.target) for t in small.targets):
                 values.append(small.value)
-    if len(values) != 1:
-        found = "no" if not values else f"{len(values)}"
+    if len(values) > 1:
         raise StrategyFileError(
-            f"{filename} has {found} module-level `{CALIBRATIONS_NAME} = [...]` assignment(s); magsdk rewrites "
-            f"exactly one. Add `{CALIBRATIONS_NAME}: list[dict[str, Any]] = []` at module level (and "
-            f"`calibrations = load_calibrations({CALIBRATIONS_NAME})` in the strategy class)."
+            f"{filename} has {len(values)} module-level `{CALIBRATIONS_NAME} = [...]` assignments; magsdk rewrites "
+            "exactly one. Merge them into one list and run the command again; the file was not changed."
         )
+    if not values:
+        raise StrategyFileError(missing_calibrations_message(filename))
     value = values[0]
     if not isinstance(value, cst.List):
         raise StrategyFileError(

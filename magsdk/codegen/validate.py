@@ -26,7 +26,7 @@ import magsdk
 from magsdk.codegen.patch import CALIBRATIONS_NAME, read_calibrations
 from magsdk.config import CalibrationEntry, atomic_write_text
 from magsdk.errors import MagSDKError
-from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
+from magsdk.registry import StrategyRegistry, strategies_of_module
 from magsdk.strategy import MagCacheStrategy
 
 #: Seconds one mypy run may take (a cold cache over magsdk's imports takes the longest).
@@ -91,17 +91,8 @@ def check_calibrations(raw: list[dict[str, object]], filename: str) -> list[Cali
 @contextlib.contextmanager
 def isolated_registry() -> Iterator[None]:
     """Let a module register strategies, then put both registries back as they were."""
-    strategies = dict(StrategyRegistry._registry)
-    blocks = dict(TransformerBlockRegistry._registry)
-    discovered = StrategyRegistry._discovered
-    try:
+    with StrategyRegistry.isolated():
         yield
-    finally:
-        StrategyRegistry._registry.clear()
-        StrategyRegistry._registry.update(strategies)
-        TransformerBlockRegistry._registry.clear()
-        TransformerBlockRegistry._registry.update(blocks)
-        StrategyRegistry._discovered = discovered
 
 
 def import_from_path(path: Path) -> ModuleType:
@@ -123,14 +114,7 @@ def import_from_path(path: Path) -> ModuleType:
 
 
 def strategies_in(module: ModuleType) -> list[type[MagCacheStrategy]]:
-    return [
-        obj
-        for obj in vars(module).values()
-        if isinstance(obj, type)
-        and issubclass(obj, MagCacheStrategy)
-        and obj.__module__ == module.__name__
-        and obj.transformer_cls_name
-    ]
+    return strategies_of_module(module)
 
 
 def load_strategy(path: Path, expected_transformer: str | None = None) -> type[MagCacheStrategy]:
@@ -144,7 +128,7 @@ def load_strategy(path: Path, expected_transformer: str | None = None) -> type[M
     if expected_transformer is not None:
         found = [c for c in found if c.transformer_cls_name == expected_transformer] or found
     strategy = found[0]
-    if StrategyRegistry._registry.get(strategy.transformer_cls_name) is not strategy:
+    if StrategyRegistry.get(strategy.transformer_cls_name) is not strategy:
         raise StrategyValidationError(
             f"{path.name}: {strategy.__name__} did not register for {strategy.transformer_cls_name!r}"
         )

@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from magsdk.calibration.drivers import read_prompts
-from magsdk.commands import make_console
-from magsdk.demo import DemoOptions, DemoResult, run_demo
+from magsdk.commands import make_console, quiet_library_progress
+from magsdk.workflow.demo import DemoOptions, DemoResult, run_demo
 
 
 def demo_command(
@@ -24,39 +24,48 @@ def demo_command(
     threshold: Annotated[float | None, typer.Option(help="Override the strategy's threshold.")] = None,
     max_skip_steps: Annotated[int | None, typer.Option("--max-skip-steps", "-k", help="Override K.")] = None,
     retention_ratio: Annotated[float | None, typer.Option("--retention-ratio", help="Override retention.")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Timed rounds, each one uncached and one cached "
+                                        "generation (alternating order); medians are reported.")] = 5,
+    device: Annotated[str | None, typer.Option("--device", help="e.g. cuda, cpu (default: cuda when "
+                                               "available).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16 (default: as "
+                                              "saved).")] = None,
 ) -> None:
     """Run the whole magsdk path on a model and print what the cache bought and what it cost."""
     console = make_console()
-    _quiet_loading()
+    quiet_library_progress()
     options = DemoOptions(
         model=model, out_dir=out, steps=steps, seeds=seeds, prompts=read_prompts(prompts) if prompts else None,
-        threshold=threshold, max_skip_steps=max_skip_steps, retention_ratio=retention_ratio,
+        threshold=threshold, max_skip_steps=max_skip_steps, retention_ratio=retention_ratio, rounds=rounds,
+        device=device, dtype=dtype,
     )
-    result = run_demo(options, log=lambda line: console.print(line, highlight=False))
+    result = run_demo(options, log=lambda line: console.print(line, highlight=False, markup=False))
     console.print(result_table(result))
-    console.print(f"strategy module: {result.strategy_module}")
-    console.print(f"image grid (uncached | cached pairs): {result.grid}")
-
-
-def _quiet_loading() -> None:
-    """The demo prints its own progress; the libraries' loading bars would drown it."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    for row in result.rows:
+        if row.speedup_is_noise:
+            console.print(
+                f"[bold yellow]note:[/] the measured {row.speedup:.2f}x is above the {row.call_ratio:.2f}x that "
+                f"computing {row.computed_calls} of {row.transformer_calls} calls allows: timing noise on this "
+                "machine, not a result. Run with more --rounds on a quiet machine.",
+                highlight=False, soft_wrap=True,
+            )
+    console.print(f"strategy module: {result.strategy_module}", highlight=False, markup=False)
+    console.print(f"labelled image grid (uncached | cached pairs, PSNR per pair): {result.grid}", highlight=False,
+                  markup=False)
 
 
 def result_table(result: DemoResult) -> Table:
     table = Table(title=f"magsdk demo: {result.transformer}, {len(result.prompts)} prompts x {result.seeds} seed(s), "
-                  f"{result.steps} steps")
+                  f"{result.steps} steps; times are medians of {result.rounds} interleaved rounds after a warm-up")
     for column in ("method", "transformer calls computed", "time (s)", "speedup", "PSNR (dB)", "SSIM",
                    "class accuracy"):
         table.add_column(column)
     for row in result.rows:
+        speedup = f"{row.speedup:.2f}x" + (f" (noise: above the {row.call_ratio:.2f}x call ratio)"
+                                          if row.speedup_is_noise else "")
         table.add_row(
             row.method, f"{row.computed_calls} / {row.transformer_calls}", f"{row.seconds:.2f}",
-            f"{row.speedup:.2f}x", "-" if row.psnr_db is None else f"{row.psnr_db:.2f}",
+            speedup, "-" if row.psnr_db is None else f"{row.psnr_db:.2f}",
             "-" if row.ssim is None else f"{row.ssim:.4f}",
             "-" if row.class_accuracy is None else f"{row.class_accuracy:.0%}",
         )

@@ -10,21 +10,30 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from magsdk.commands import make_console
-from magsdk.config import MagCacheConfig
+from magsdk.config import CalibrationResult, MagCacheConfig
+from magsdk.curves import CurveSource
 from magsdk.errors import UsageError
-from magsdk.ratios import plan as make_plan
+from magsdk.ratios import plan_source
 from magsdk.registry import StrategyRegistry
+from magsdk.schedules import timesteps_for
 from magsdk.strategy import MagCacheStrategy
+from magsdk.workflow.checks import check_cache_settings
 
 
-def _load_curves(strategy: str | None, ratios: str | None, steps: int) -> tuple[dict[str, list[float]], str]:
+def _load_curves(
+    strategy: str | None, ratios: str | None, steps: int
+) -> tuple[type[MagCacheStrategy] | CalibrationResult | dict[str, list[float]], str]:
+    """The curve input: a strategy class (all its calibrations), or a config-like value (list, dict, result)."""
     if (strategy is None) == (ratios is None):
         raise UsageError("give exactly one of --strategy NAME or --ratios FILE.json (or a comma-separated list)")
     if strategy is not None:
         cls = _strategy_by_name(strategy)
-        config = cls.default_config(steps)
-        assert config.mag_ratios is not None
-        return config.mag_ratios, cls.__name__
+        if not cls.calibrations:
+            raise UsageError(
+                f"strategy {cls.__name__} has no calibration yet; run `magsdk calibrate <its file> --model <model> "
+                "--steps N` first, or pass --ratios"
+            )
+        return cls, cls.__name__
     assert ratios is not None
     path = Path(ratios)
     if path.exists():
@@ -33,7 +42,10 @@ def _load_curves(strategy: str | None, ratios: str | None, steps: int) -> tuple[
         except json.JSONDecodeError as exc:
             raise UsageError(f"--ratios {ratios}: not valid JSON ({exc})") from exc
         if isinstance(data, dict) and "branches" in data:
-            data = {k: v["norm_ratios"] if isinstance(v, dict) else v for k, v in data["branches"].items()}
+            try:
+                return CalibrationResult.model_validate(data), str(path)
+            except ValidationError:
+                data = {k: v["norm_ratios"] if isinstance(v, dict) else v for k, v in data["branches"].items()}
         return _validated(data), str(path)
     try:
         values = [float(v) for v in ratios.split(",") if v.strip()]
@@ -52,50 +64,90 @@ def _validated(data: object) -> dict[str, list[float]]:
 
 
 def _strategy_by_name(name: str) -> type[MagCacheStrategy]:
-    strategies = StrategyRegistry.all()
-    for key, cls in strategies.items():
-        if name in (key, cls.__name__, cls.__module__, cls.__module__.rsplit(".", 1)[-1]):
-            return cls
-    known = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]} ({k})" for k, c in sorted(strategies.items()))
-    raise UsageError(f"unknown strategy {name!r}; known: {known or 'none'}. `magsdk list` shows them.")
+    """A transformer class, strategy class or module name, a dotted module, or a strategy file's path."""
+    return StrategyRegistry.resolve(name)
+
 
 
 def plan_command(
-    strategy: str | None = typer.Option(None, "--strategy", "-s", help="Strategy module or transformer class."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", "-s",
+        help="Strategy module name, transformer class, dotted module or path/to/module.py "
+        "(also found in ./strategies/ and $MAGSDK_STRATEGY_PATH).",
+    ),
     ratios: str | None = typer.Option(None, "--ratios", help="JSON file (list, dict or calibration) or a,b,c."),
     steps: int = typer.Option(28, "--steps", "-n", help="Number of inference steps of the run."),
     threshold: float | None = typer.Option(None, help="Accumulated-error threshold (default: strategy's)."),
     max_skip_steps: int | None = typer.Option(None, "--max-skip-steps", "-k", help="K: max consecutive skips."),
     retention_ratio: float | None = typer.Option(None, "--retention-ratio", help="Fraction of first steps kept."),
     as_json: bool = typer.Option(False, "--json", help="Print the SkipPlan(s) as JSON."),
+    resample: str = typer.Option(
+        "auto", "--resample", help="Curve mapping: auto (through recorded timesteps when present), timesteps, index.",
+    ),
 ) -> None:
     """Print the skip schedule and the ideal speedup for a curve, before anything runs."""
-    if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
-    curves, source = _load_curves(strategy, ratios, steps)
-    defaults = _strategy_by_name(strategy) if strategy else MagCacheStrategy
-    settings = {
-        "threshold": defaults.threshold if threshold is None else threshold,
-        "max_skip_steps": defaults.max_skip_steps if max_skip_steps is None else max_skip_steps,
-        "retention_ratio": defaults.retention_ratio if retention_ratio is None else retention_ratio,
+    if steps < 2:
+        raise UsageError(f"--steps {steps}: a plan needs at least 2 steps (step 0 always computes)")
+    given = {
+        name: value
+        for name, value in (("threshold", threshold), ("max_skip_steps", max_skip_steps),
+                            ("retention_ratio", retention_ratio))
+        if value is not None
     }
-    try:
+    check_cache_settings(given)  # before any strategy loads
+    if resample not in ("auto", "timesteps", "index"):
+        raise UsageError(f"--resample {resample!r}: choose auto, timesteps or index")
+    curves, source = _load_curves(strategy, ratios, steps)
+    defaults: type[MagCacheStrategy] = curves if isinstance(curves, type) else MagCacheStrategy
+    settings = {
+        "threshold": defaults.threshold,
+        "max_skip_steps": defaults.max_skip_steps,
+        "retention_ratio": defaults.retention_ratio,
+        "resample": resample,
+        **given,
+    }
+    if isinstance(curves, type):
+        config = curves.default_config(steps, **settings)
+        curve_source = CurveSource.from_entries(curves.calibrations, config)
+        branches = list(curve_source.table_for(steps).branches)
+    else:
         config = MagCacheConfig(mag_ratios=curves, **settings)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UsageError(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
-    plans = {branch: make_plan(curve, config, steps) for branch, curve in curves.items()}
+        found = CurveSource.from_config(config)
+        assert found is not None and config.mag_ratios is not None
+        curve_source, branches = found, list(config.mag_ratios)
+    table = curve_source.table_for(steps)
+    run_timesteps = None
+    if resample != "index" and table.schedule is not None:
+        run_timesteps = timesteps_for(table.schedule, steps)
+    shown = branches if config.per_branch_curves else branches[:1]
+    plans = {
+        branch: plan_source(curve_source, config, steps, branch, position=i, timesteps=run_timesteps)
+        for i, branch in enumerate(shown)
+    }
     if as_json:
         typer.echo(json.dumps({b: p.model_dump() for b, p in plans.items()}, indent=2))
         return
-    table = Table(title=f"MagCache plan: {source}, {steps} steps, threshold={config.threshold}, "
-                  f"K={config.max_skip_steps}, retention={config.retention_ratio}")
+    console = make_console()
+    table_view = Table(title=f"MagCache plan: {source}, {steps} steps, threshold={config.threshold}, "
+                       f"K={config.max_skip_steps}, retention={config.retention_ratio}")
     for column in ("branch", "computed", "skipped", "ideal speedup", "schedule (C = compute, . = skip)"):
-        table.add_column(column)
+        table_view.add_column(column, no_wrap=column.startswith("schedule"))
     for branch, p in plans.items():
-        table.add_row(branch, str(len(p.computed_steps)), str(len(p.skipped_steps)),
-                      f"{p.ideal_speedup:.2f}x", p.schedule_string())
-    make_console().print(table)
+        label = branch if config.per_branch_curves or len(branches) == 1 else f"all ({', '.join(branches)})"
+        table_view.add_row(label, str(len(p.computed_steps)), str(len(p.skipped_steps)),
+                           f"{p.ideal_speedup:.2f}x", p.schedule_string())
+    console.print(table_view)
+    first = next(iter(plans.values()))
+    note = first.mapping
+    if resample != "index" and table.schedule is not None and run_timesteps is None:
+        note += f" (the recorded {table.schedule.scheduler} schedule could not be rebuilt for {steps} steps here)"
+    console.print(f"curve: {note}", highlight=False)
+    if len(branches) > 1 and not config.per_branch_curves:
+        console.print("branches share one schedule (the mean of their curves), as the runtime runs them",
+                      highlight=False)
+    if first.out_of_range:
+        console.print(f"warning: {len(first.out_of_range)} timesteps lie outside the calibrated range; the curve is "
+                      "held flat there", highlight=False)
 
 
 def list_command() -> None:

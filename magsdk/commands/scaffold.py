@@ -7,39 +7,45 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from magsdk.calibration.drivers import read_prompts
-from magsdk.codegen.scaffold import (
-    CalibrateOutcome,
-    ScaffoldOptions,
-    ScaffoldResult,
-    calibrate_file,
-    run_scaffold,
-)
+from magsdk.commands import invocation, make_console, quiet_library_progress
 from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport, MagCacheConfig
 from magsdk.errors import UsageError
 from magsdk.ratios import plan
+from magsdk.workflow.calibrate import CalibrateOutcome, calibrate_file
+from magsdk.workflow.common import CalibrationOptions
+from magsdk.workflow.scaffold import ScaffoldOptions, ScaffoldResult, run_scaffold
 
-console = Console()
+console = make_console()
 
 MODEL_HELP = (
     "A diffusers pipeline folder (model_index.json) or hub id, a transformer folder, a class name, or file.py:Class."
 )
 DEFAULT_OUT = Path("strategies")
 DRIVER_HELP = "FILE.py:FUNC that runs one generation: FUNC(transformer, steps, seed)."
-
-
+INPUTS_HELP = (
+    "FILE.py:FUNC returning (args, kwargs) for the transformer's forward (FUNC may take the model), as for "
+    "`magsdk inspect`; used to inspect and, without a pipeline, in the synthetic calibration loop."
+)
+STEPS_HELP = "Denoising steps of the calibration runs (default: the folder's recorded settings, else the pipeline's)."
+SEEDS_HELP = "Seeds per prompt, 0 ... K-1 (default: 1 with a pipeline, 2 for a driver or the synthetic loop)."
+PROMPTS_HELP = "File with one calibration prompt a line (default: a built-in set of 10 varied prompts)."
+SIDE_HELP = "Image {side} of pipeline calibration (default: the folder's recorded settings, else the pipeline's)."
+DEVICE_HELP = "Device to calibrate on, e.g. cuda, cuda:1, cpu (default: cuda when available)."
+DTYPE_HELP = "Weights dtype: float32, float16 or bfloat16 (default: as saved, usually float32)."
 CALL_ARG_HELP = (
     "KEY=VALUE passed to every pipeline call during calibration (repeatable; VALUE is JSON when it parses), "
     "e.g. --call-arg true_cfg_scale=4 --call-arg negative_prompt='' to calibrate both CFG branches."
 )
 
 
-def _prompts(path: Path | None) -> list[str] | None:
-    return read_prompts(path) if path is not None else None
+def _prompts(path: Path | None) -> tuple[list[str] | None, str | None]:
+    return (read_prompts(path), f"--prompts {path}") if path is not None else (None, None)
 
 
 def _call_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -57,48 +63,73 @@ def _call_kwargs(items: list[str] | None) -> dict[str, Any]:
 
 
 def scaffold_command(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    name: str | None = typer.Option(None, "--name", help="Module name (default: from the transformer class)."),
-    steps: int = typer.Option(28, "--steps", "-n", help="Denoising steps of the calibration runs."),
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one calibration prompt a line.")] = None,
-    seeds: int = typer.Option(2, "--seeds", help="Seeds per prompt (0, 1, ... K-1)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    name: str | None = typer.Option(
+        None, "--name", help="Module name (default: from the model folder or hub id, else the transformer class)."
+    ),
+    steps: int | None = typer.Option(None, "--steps", "-n", help=STEPS_HELP),
+    prompts: Annotated[Path | None, typer.Option("--prompts", help=PROMPTS_HELP)] = None,
+    seeds: int | None = typer.Option(None, "--seeds", help=SEEDS_HELP),
     out: Annotated[Path, typer.Option("--out", help="Folder for <name>.py and tests/test_<name>.py.")] = DEFAULT_OUT,
     driver: str | None = typer.Option(None, "--driver", help=DRIVER_HELP),
+    inputs: str | None = typer.Option(None, "--inputs", help=INPUTS_HELP),
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the curves and spread.")] = None,
-    height: int | None = typer.Option(None, "--height", help="Image height for pipeline calibration (default 32)."),
-    width: int | None = typer.Option(None, "--width", help="Image width for pipeline calibration (default 32)."),
+    height: int | None = typer.Option(None, "--height", help=SIDE_HELP.format(side="height")),
+    width: int | None = typer.Option(None, "--width", help=SIDE_HELP.format(side="width")),
+    device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+    dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
     no_test: bool = typer.Option(False, "--no-test", help="Do not write tests/test_<name>.py."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing module even if it was edited."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing module even if it was edited (its calibrations are kept)."
+    ),
     call_arg: Annotated[list[str] | None, typer.Option("--call-arg", help=CALL_ARG_HELP)] = None,
+    from_cache: str | None = typer.Option(
+        None, "--from-cache", help="Use a curve that enable(auto_calibrate=True) cached (its id, a unique start of "
+        "it, or the cache file) instead of calibrating; --model is then optional.",
+    ),
 ) -> None:
     """Inspect a model, generate its strategy module, calibrate it, validate it, and write it."""
+    prompt_list, prompt_source = _prompts(prompts)
     options = ScaffoldOptions(
-        model=model, name=name, steps=steps, prompts=_prompts(prompts), seeds=seeds, out_dir=out, driver=driver,
-        plot=plot, height=height, width=width, with_test=not no_test, force=force, call_kwargs=_call_kwargs(call_arg),
+        model=model, name=name, steps=steps, prompts=prompt_list, prompts_source=prompt_source, seeds=seeds,
+        out_dir=out, driver=driver, inputs=inputs, plot=plot, height=height, width=width, device=device, dtype=dtype,
+        with_test=not no_test, force=force, call_kwargs=_call_kwargs(call_arg), from_cache=from_cache,
+        invocation=invocation(),
     )
-    result = run_scaffold(options, progress=console.is_terminal)
+    quiet_library_progress()
+    result = run_scaffold(options, progress=console.is_terminal, log=_log)
     print_scaffold_summary(result, options)
 
 
 def calibrate_command(
     strategy_file: Annotated[Path, typer.Argument(help="A strategy module (made by scaffold or by hand).")],
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    steps: int = typer.Option(28, "--steps", "-n", help="Denoising steps of the calibration runs."),
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one calibration prompt a line.")] = None,
-    seeds: int = typer.Option(2, "--seeds", help="Seeds per prompt (0, 1, ... K-1)."),
+    steps: int | None = typer.Option(None, "--steps", "-n", help=STEPS_HELP),
+    prompts: Annotated[Path | None, typer.Option("--prompts", help=PROMPTS_HELP)] = None,
+    seeds: int | None = typer.Option(None, "--seeds", help=SEEDS_HELP),
     driver: str | None = typer.Option(None, "--driver", help=DRIVER_HELP),
+    inputs: str | None = typer.Option(None, "--inputs", help=INPUTS_HELP),
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the curves and spread.")] = None,
-    height: int | None = typer.Option(None, "--height", help="Image height for pipeline calibration (default 32)."),
-    width: int | None = typer.Option(None, "--width", help="Image width for pipeline calibration (default 32)."),
+    height: int | None = typer.Option(None, "--height", help=SIDE_HELP.format(side="height")),
+    width: int | None = typer.Option(None, "--width", help=SIDE_HELP.format(side="width")),
+    device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+    dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
     call_arg: Annotated[list[str] | None, typer.Option("--call-arg", help=CALL_ARG_HELP)] = None,
 ) -> None:
-    """Add or refresh the calibration for --steps in a strategy file; nothing else in it changes."""
-    options = ScaffoldOptions(
-        model=model, steps=steps, prompts=_prompts(prompts), seeds=seeds, driver=driver, plot=plot,
-        height=height, width=width, call_kwargs=_call_kwargs(call_arg),
+    """Add or refresh the calibration for the run's step count in a strategy file; nothing else in it changes."""
+    prompt_list, prompt_source = _prompts(prompts)
+    options = CalibrationOptions(
+        model=model, steps=steps, prompts=prompt_list, prompts_source=prompt_source, seeds=seeds, driver=driver,
+        inputs=inputs, plot=plot, height=height, width=width, device=device, dtype=dtype,
+        call_kwargs=_call_kwargs(call_arg), invocation=invocation(),
     )
-    outcome = calibrate_file(strategy_file, options, progress=console.is_terminal)
+    quiet_library_progress()
+    outcome = calibrate_file(strategy_file, options, progress=console.is_terminal, log=_log)
     print_calibrate_summary(outcome, options)
+
+
+def _log(line: str) -> None:
+    console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 # -- summaries --------------------------------------------------------------------------------------
@@ -174,15 +205,18 @@ def plan_table(entry: CalibrationEntry, threshold: float, max_skip_steps: int, r
     table = Table()
     for column in ("branch", "computed", "skipped", "ideal speedup", "schedule (C = compute, . = skip)"):
         table.add_column(column)
-    for branch, curve in entry.branches.items():
-        p = plan(curve, config, entry.num_steps)
+    for branch in entry.branches:
+        p = plan(entry.branches, config, entry.num_steps, branch=branch)  # as the runtime plans this branch
         table.add_row(branch, str(len(p.computed_steps)), str(len(p.skipped_steps)), f"{p.ideal_speedup:.2f}x",
                       p.schedule_string())
     return Group(heading, table)
 
 
 def _entry_notes(entry: CalibrationEntry) -> None:
-    console.print(f"source: {entry.source}", highlight=False, soft_wrap=True)
+    console.print(f"source: {entry.source}", highlight=False, soft_wrap=True, markup=False)
+    if entry.settings:
+        shown = ", ".join(f"{k}={v!r}" for k, v in entry.settings.items())
+        console.print(f"recorded settings: {shown}", highlight=False, soft_wrap=True, markup=False)
     if entry.synthetic:
         console.print(
             "[bold yellow]warning:[/] this curve is synthetic: it was measured on synthesized inputs"
@@ -193,39 +227,49 @@ def _entry_notes(entry: CalibrationEntry) -> None:
 
 
 def print_scaffold_summary(result: ScaffoldResult, options: ScaffoldOptions) -> None:
-    from magsdk.codegen.scaffold import strategy_defaults
-
     console.print(blocks_table(result.report))
     for warning in result.report.warnings:
-        console.print(f"[yellow]inspect warning:[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]inspect warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(curve_table(result.entry))
     _entry_notes(result.entry)
-    console.print(plan_table(result.entry, **strategy_defaults(result.module_path)))
+    console.print(plan_table(result.entry, result.threshold, result.max_skip_steps, result.retention_ratio))
+    for note in result.notes:
+        console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    steps = result.entry.num_steps
+    if result.kept or result.replaced:
+        kept = ", ".join(f"{n}-step" for n in result.kept)
+        console.print(
+            f"calibrations already in {result.module_path}: "
+            + (f"kept {kept}" if kept else "none kept")
+            + (f"; replaced the {steps}-step entry with the new one" if result.replaced else ""),
+            highlight=False, soft_wrap=True,
+        )
     console.print(
-        f"[bold green]wrote[/] {result.module_path} ({result.strategy_class} for {result.transformer_cls_name}; "
+        f"[bold green]wrote[/] {escape(str(result.module_path))} ({result.strategy_class} for "
+        f"{result.transformer_cls_name}; "
         f"checked: calibration re-read, imports, registers, mypy --strict {result.mypy})",
         highlight=False,
         soft_wrap=True,
     )
     if result.test_path is not None:
-        console.print(f"[bold green]wrote[/] {result.test_path}", highlight=False)
+        console.print(f"[bold green]wrote[/] {escape(str(result.test_path))}", highlight=False)
     if options.plot is not None:
-        console.print(f"[bold green]wrote[/] {options.plot}", highlight=False)
+        console.print(f"[bold green]wrote[/] {escape(str(options.plot))}", highlight=False)
 
 
-def print_calibrate_summary(outcome: CalibrateOutcome, options: ScaffoldOptions) -> None:
+def print_calibrate_summary(outcome: CalibrateOutcome, options: CalibrationOptions) -> None:
     console.print(curve_table(outcome.entry))
     _entry_notes(outcome.entry)
     console.print(plan_table(outcome.entry, outcome.threshold, outcome.max_skip_steps, outcome.retention_ratio))
     verb = "refreshed" if outcome.replaced else "added"
     console.print(
         f"[bold green]{verb}[/] the {outcome.entry.num_steps}-step calibration of {outcome.strategy_class} in "
-        f"{outcome.path} (checked: calibration re-read, imports, registers, mypy --strict {outcome.mypy})",
+        f"{escape(str(outcome.path))} (checked: calibration re-read, imports, registers, mypy --strict {outcome.mypy})",
         highlight=False,
         soft_wrap=True,
     )
     if options.plot is not None:
-        console.print(f"[bold green]wrote[/] {options.plot}", highlight=False)
+        console.print(f"[bold green]wrote[/] {escape(str(options.plot))}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,63 @@
+"""Rebuild a recorded schedule at another step count, for previews made before any pipeline runs.
+
+At run time the pipeline's scheduler says what the timesteps are. ``magsdk plan``, the exporters
+and the strategy table have no pipeline: they rebuild the scheduler a calibration recorded (its
+class and the config values that shape the timesteps) and ask it for ``num_steps`` steps, passing
+what the pipeline passed (``mu`` for resolution-dependent shifting; FLUX-style pipelines pass
+``sigmas = linspace(1, 1/N, N)``). A rebuild is trusted only if, at the calibration's own step
+count, it reproduces the recorded timesteps; otherwise ``None`` (callers then say so and fall back).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from magsdk.config import ScheduleInfo
+
+logger = logging.getLogger("magsdk")
+
+
+def _flux_sigmas(num_steps: int) -> list[float]:
+    return [float(v) for v in np.linspace(1.0, 1.0 / num_steps, num_steps)]
+
+
+def _rebuild(schedule: ScheduleInfo, num_steps: int) -> list[float] | None:
+    if not schedule.scheduler:
+        return None
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return None
+    cls = getattr(diffusers, schedule.scheduler, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        return None
+    kwargs: dict[str, Any] = {}
+    if schedule.input_sigmas is not None:
+        passed = schedule.input_sigmas
+        if not np.allclose(passed, _flux_sigmas(len(passed)), atol=1e-5):
+            return None  # the pipeline passed sigmas by a rule magsdk does not know
+        kwargs["sigmas"] = _flux_sigmas(num_steps)
+    if schedule.set_timesteps.get("mu") is not None:
+        kwargs["mu"] = float(schedule.set_timesteps["mu"])
+    try:
+        scheduler = cls.from_config(dict(schedule.config))
+        scheduler.set_timesteps(num_inference_steps=num_steps, **kwargs)
+    except Exception as exc:  # a scheduler that wants what was not recorded
+        logger.debug("cannot rebuild %s for %d steps: %s", schedule.scheduler, num_steps, exc)
+        return None
+    return [float(t) for t in scheduler.timesteps.tolist()]
+
+
+def timesteps_for(schedule: ScheduleInfo, num_steps: int) -> list[float] | None:
+    """The scheduler timesteps a ``num_steps`` run on the recorded schedule would have, or None."""
+    check = _rebuild(schedule, schedule.num_steps)
+    if check is None or len(check) != schedule.num_steps:
+        return None
+    if not np.allclose(check, schedule.timesteps, atol=1e-3, rtol=1e-5):
+        return None
+    if num_steps == schedule.num_steps:
+        return list(schedule.timesteps)
+    return _rebuild(schedule, num_steps)
