@@ -178,6 +178,9 @@ class MagCacheConfig(BaseModel):
     retention_ratio: float = Field(0.2, ge=0, lt=1)
     num_inference_steps: int | None = Field(None, ge=1)
     calibrate: bool = False
+    #: No curve yet: measure it on the first generation at each (steps, resolution, schedule), cache with it from
+    #: the next, and keep it in the user cache folder for later processes (``magsdk scaffold --from-cache``).
+    auto_calibrate: bool = False
     #: False (default): all branches of a step follow the mean curve and skip together, so true CFG
     #: never mixes a fresh prediction with a stale one. True: each branch follows its own curve.
     per_branch_curves: bool = False
@@ -230,10 +233,11 @@ class MagCacheConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ratios_or_calibrate(self) -> MagCacheConfig:
-        if self.mag_ratios is None and not self.calibrate:
+        if self.mag_ratios is None and not self.calibrate and not self.auto_calibrate:
             raise ValueError(
-                "mag_ratios is required unless calibrate=True; run `magsdk.calibrate(model)` "
-                "or use a registered strategy (magsdk.enable(pipe) with no config)"
+                "mag_ratios is required unless calibrate=True or auto_calibrate=True; run `magsdk.calibrate(model)`, "
+                "use a registered strategy (magsdk.enable(pipe) with no config), or let magsdk measure the curve on "
+                "the first generation: magsdk.enable(pipe, auto_calibrate=True)"
             )
         return self
 

@@ -33,9 +33,13 @@ def held_tensor_bytes(*models: torch.nn.Module) -> int:
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in owned:
-                storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = obj.untyped_storage()
+                pointer = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # fake / meta tensors left behind by torch.compile
+                continue
+            if pointer not in owned:
+                storages[pointer] = storage.nbytes()
     return sum(storages.values())
 
 

@@ -15,7 +15,8 @@ from magsdk.curves import CurveSource
 from magsdk.errors import BlockLayoutError, UsageError
 from magsdk.patching import Patches
 from magsdk.ratios import SkipPlan, plan_source
-from magsdk.registry import StrategyRegistry
+from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
+from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.runtime.steps import scheduler_probe
@@ -51,8 +52,8 @@ class MagCacheHandle:
         self.scheduler: Any = None
         #: First-call tracers still waiting (``enable`` on a transformer nobody described).
         self.pending: list[Any] = []
-        #: Non-list arguments of the last ``set_timesteps`` call (e.g. ``mu``), and the sigmas passed.
-        self.set_timesteps_kwargs: dict[str, Any] = {}
+        #: Per transformer: where its block metadata came from (strategy, given, registry or inferred).
+        self.metadata_sources: dict[str, str] = {}
 
     @property
     def blocks(self) -> list[str]:
@@ -128,7 +129,7 @@ class CalibrationHandle(MagCacheHandle):
             first = self.sessions[0]
             if first.calibrated_schedule:
                 result.schedule = schedule_info(
-                    first.calibrated_schedule, self.scheduler, self.set_timesteps_kwargs, first.image_tokens
+                    first.calibrated_schedule, self.scheduler, first.set_timesteps_kwargs, first.image_tokens
                 )
         return result
 
@@ -141,14 +142,21 @@ def enable(
     metadata: MetadataSource | None = None,
     scheduler: Any = None,
     keep_generations: int = DEFAULT_KEEP_GENERATIONS,
+    auto_calibrate: bool = False,
 ) -> MagCacheHandle:
     """Attach MagCache to a pipeline (anything with ``.transformer``) or a transformer module.
 
-    With no config and no strategy, the strategy registered for the transformer's class is used.
+    With no config and no strategy, the strategy registered for the transformer's class is used;
+    a transformer whose block classes are registered (``TransformerBlockRegistry``) needs only a
+    config; any other is traced on its first call. ``auto_calibrate=True`` (or
+    ``MagCacheConfig(auto_calibrate=True, ...)``) starts a model with no curve at all: its first
+    generation at each step count and resolution is measured, later ones are cached.
     Enabling twice replaces the first session (never stacks hooks). ``keep_generations`` bounds the
     per-call records in ``handle.stats`` (counters cover every generation).
     """
-    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations)
+    if auto_calibrate and config is not None and not config.auto_calibrate:
+        config = config.model_copy(update={"auto_calibrate": True})
+    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations, auto_calibrate)
 
 
 def calibrate(
@@ -273,6 +281,7 @@ def _attach(
     scheduler: Any,
     handle_cls: type[MagCacheHandle],
     keep_generations: int,
+    auto_calibrate: bool = False,
 ) -> MagCacheHandle:
     transformers, pipe_scheduler = _transformers_of(target)
     scheduler = scheduler if scheduler is not None else pipe_scheduler
@@ -280,6 +289,7 @@ def _attach(
     sessions: list[CacheSession] = []
     patches = Patches("magsdk.enable")
     pending: list[Any] = []  # first-call tracers waiting for their call
+    sources: dict[str, str] = {}
     strategy: MagCacheStrategy | None = None
     resolved_config: MagCacheConfig | None = None
     curves: CurveSource | None = None
@@ -289,13 +299,22 @@ def _attach(
             if previous is not None:
                 previous.disable()
             meta = metadata
-            if strategy_source is None and meta is None and config is not None and (
-                StrategyRegistry.get(type(transformer).__name__) is None
-            ):
-                # No strategy and no metadata: infer the block conventions from the first real call.
-                from magsdk.runtime import autotrace
+            registered = StrategyRegistry.get(type(transformer).__name__) if strategy_source is None else None
+            unknown = strategy_source is None and registered is None
+            if config is None and auto_calibrate:
+                # measure the curve even where a strategy ships one (a fine-tune, another schedule): asked for
+                defaults = registered or MagCacheStrategy
+                config = MagCacheConfig(auto_calibrate=True, threshold=defaults.threshold,
+                                        max_skip_steps=defaults.max_skip_steps,
+                                        retention_ratio=defaults.retention_ratio)
+            if unknown and meta is None and config is not None:
+                # No strategy and no metadata: blocks registered by class, else inferred from the first call.
+                meta = registry_metadata(transformer)
+                sources[name] = "registry" if meta is not None else "inferred"
+                if meta is None:
+                    from magsdk.runtime import autotrace
 
-                meta = autotrace.known_report(transformer)
+                    meta = autotrace.known_report(transformer)
                 if meta is None:
                     strategy, resolved_config = MagCacheStrategy(), config
                     curves = CurveSource.from_config(config)
@@ -304,6 +323,8 @@ def _attach(
                     )
                     autotrace.trace_first_call(transformer, factory, sessions, pending)
                     continue
+            else:
+                sources[name] = "given" if meta is not None else "strategy"
             strategy = _resolve_strategy(transformer, strategy_source, meta)
             resolved_config, curves = _config_and_curves(strategy, config)
             session = _new_session(
@@ -320,6 +341,7 @@ def _attach(
     assert strategy is not None and resolved_config is not None
     handle = handle_cls(sessions, stats, resolved_config, strategy, patches, curves)
     handle.pending = pending
+    handle.metadata_sources = sources
     handle.scheduler = scheduler
     if scheduler is not None and hasattr(scheduler, "set_timesteps"):
         patches.patch(scheduler, "set_timesteps", _new_generation_on(scheduler.set_timesteps, handle))
@@ -354,8 +376,20 @@ def _new_session(
     if isinstance(metadata, InspectionReport):
         paths = tuple(group.path for group in metadata.block_groups)
     blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
-    if curves is None and not config.calibrate:
-        raise BlockLayoutError(f"{type(transformer).__name__}: no curve to decide with; pass mag_ratios")
+    auto = None
+    if curves is None and config.auto_calibrate and not config.calibrate:
+        if scheduler is None and config.num_inference_steps is None:
+            raise UsageError(
+                f"auto_calibrate keys each curve by the run's step count, which a bare {type(transformer).__name__} "
+                "does not tell: enable it on the pipeline (its scheduler says), or pass scheduler=pipe.scheduler or "
+                "MagCacheConfig(auto_calibrate=True, num_inference_steps=N)"
+            )
+        auto = AutoCalibration(transformer, scheduler, config)
+    elif curves is None and not config.calibrate:
+        raise BlockLayoutError(
+            f"{type(transformer).__name__}: no curve to decide with; pass MagCacheConfig(mag_ratios=...), a calibrated "
+            "strategy, or auto_calibrate=True"
+        )
     return CacheSession(
         transformer,
         blocks,
@@ -365,7 +399,21 @@ def _new_session(
         stats,
         name=name,
         probe=scheduler_probe(scheduler) if scheduler is not None else None,
+        auto=auto,
     )
+
+
+def registry_metadata(transformer: torch.nn.Module) -> dict[str, BlockMetadata] | None:
+    """Metadata of the transformer's block lists whose classes are registered (one registration per block class
+    serves every transformer built from it), or None when none is."""
+    from magsdk.inspect.trace import find_block_containers
+
+    known = {}
+    for container in find_block_containers(transformer):
+        metadata = TransformerBlockRegistry.get(container.block_class)
+        if metadata is not None:
+            known[container.block_class] = metadata
+    return known or None
 
 
 def _new_generation_on(set_timesteps: Any, handle: MagCacheHandle) -> Any:
@@ -381,6 +429,7 @@ def _new_generation_on(set_timesteps: Any, handle: MagCacheHandle) -> Any:
 
 @eager
 def _start_generation(handle: MagCacheHandle, kwargs: dict[str, Any]) -> None:
+    passed = {k: v for k, v in kwargs.items() if k in ("mu", "sigmas")}
     for session in handle.sessions:
         session.reset()
-    handle.set_timesteps_kwargs = {k: v for k, v in kwargs.items() if k in ("mu", "sigmas")}
+        session.set_timesteps_kwargs = passed

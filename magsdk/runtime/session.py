@@ -21,12 +21,14 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from magsdk.calibration.curve_store import CurveKey
 from magsdk.config import BlockMetadata, CalibrationResult, MagCacheConfig, ScheduleInfo
 from magsdk.conventions import TIMESTEP_ARGUMENT_NAMES
 from magsdk.curves import CurveSource, RunSchedule
 from magsdk.errors import BlockLayoutError
 from magsdk.patching import Patches
 from magsdk.ratios import BranchSchedule
+from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.layout import ArgumentReader, forward_parameters
 from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Reducer, merge_runs
 from magsdk.runtime.stack import BlockStack
@@ -86,9 +88,17 @@ class CacheSession:
         stats: CacheStats,
         name: str = "transformer",
         probe: SchedulerProbe | None = None,
+        auto: AutoCalibration | None = None,
     ) -> None:
         self.transformer = transformer
         self.config = config
+        #: Whether the generation in flight records a calibration instead of skipping.
+        self.calibrating = config.calibrate
+        self.auto = auto
+        self._auto_pending = False
+        self._auto_key: CurveKey | None = None
+        #: Non-list arguments of the pipeline's last ``set_timesteps`` (``mu``) and the sigmas it passed.
+        self.set_timesteps_kwargs: dict[str, Any] = {}
         self.curves = curves
         self.strategy = strategy
         self.stats = stats
@@ -138,7 +148,7 @@ class CacheSession:
         self.attached = False
         self.stack.leave()
         self.reset(discard=True)
-        self.calibration_runs = [] if self.config.calibrate else self.calibration_runs
+        self.calibration_runs = [] if self.config.calibrate or self.auto else self.calibration_runs
 
     def reset(self, discard: bool = False) -> None:
         """Forget all per-generation state: the next call starts a new generation.
@@ -183,7 +193,9 @@ class CacheSession:
         if position.new_generation:
             self._finish_calibration_run()
             self.branches.clear()
-            if self.config.calibrate and self.tracker.uses_scheduler:
+            if self.auto is not None:  # record until the first call tells whether a curve is known
+                self.calibrating, self._auto_pending = True, True
+            if self.calibrating and self.tracker.uses_scheduler:
                 self._generation_schedule = self.tracker.run_timesteps()
         state = self.branches.get(position.branch)
         if state is None:
@@ -195,11 +207,12 @@ class CacheSession:
         else:
             timestep = observed[0] if observed else None
         argument: torch.Tensor | float | None = None
-        if self.config.calibrate:
+        if self.calibrating:
             argument = self._argument_timestep(args, kwargs)
             skip = False
+        elif state.schedule is None:  # a branch that appeared while a curve was being looked up
+            skip = False
         else:
-            assert state.schedule is not None
             online = state.schedule.curve.online
             decision_t = timestep
             if online is not None:
@@ -225,6 +238,8 @@ class CacheSession:
                         "as first and last blocks of its stack; the strategy or report does not fit this model"
                     )
                 self._store(call, head_in, head_out, tail_out)
+                if self._auto_pending:
+                    self._auto_decide(call.position)
         finally:
             self.stack.leave()
         position = call.position
@@ -246,15 +261,31 @@ class CacheSession:
         stack.tail_io.observe(tail_out)
         tail_hidden = stack.tail_io.extract_hidden(tail_out)
         residual = self.strategy.compute_residual(tail_hidden, head_in, stack.tail_io.metadata)
-        if self.image_tokens is None and head_in.ndim >= 2:
+        if head_in.ndim >= 2:
             self.image_tokens = int(head_in.shape[1])
         state = call.state
         if state.recorder is not None:
             state.recorder.add(residual, state.residual, call.argument_timestep)
         state.residual = residual
 
+    def _auto_decide(self, position: CallPosition) -> None:
+        """After a generation's first call: cache with a known curve, or go on measuring this generation."""
+        assert self.auto is not None
+        self._auto_pending = False
+        key = self.auto.key(position.num_steps, self.image_tokens)
+        self._auto_key = key
+        source = self.auto.find(key)
+        if source is None:
+            return
+        self.curves, self.calibrating = source, False
+        for name, state in self.branches.items():
+            state.recorder = None
+            state.schedule = self._new_branch_state(CallPosition(
+                position.generation, position.step, name, list(self.branches).index(name), False, position.num_steps
+            )).schedule
+
     def _new_branch_state(self, position: CallPosition) -> BranchState:
-        if self.config.calibrate:
+        if self.calibrating:
             return BranchState(schedule=None, recorder=BranchRecorder())
         if self.curves is None:
             raise BlockLayoutError(f"{self.name}: no curve to decide with; pass mag_ratios or a calibrated strategy")
@@ -272,6 +303,7 @@ class CacheSession:
                 position.num_steps, "" if lo is None else f" Calibrated range: {lo:g}..{hi:g}.",
             )
         logger.debug("magsdk: %s branch %s follows the %s", self.name, position.branch, mapped.how)
+        self.stats.note_curve(self.name, position.branch, mapped.how)
         return BranchState(schedule=BranchSchedule(mapped, self.config))
 
     def _check_online_range(self, low: float, high: float, timestep: float | None) -> None:
@@ -314,6 +346,26 @@ class CacheSession:
             self.calibration_runs.append(run)
             if self._generation_schedule is not None:
                 self.calibrated_schedule = self._generation_schedule
+            if self.auto is not None and self.calibrating:
+                self._auto_save()
+
+    def _auto_save(self) -> None:
+        """A generation measured under auto-calibration: keep its curve if it ran to its last step."""
+        assert self.auto is not None
+        runs, self.calibration_runs = self.calibration_runs, []
+        key = self._auto_key
+        if key is None or not runs:
+            return
+        if any(len(record.norm_ratios) != key.num_steps for record in runs[-1].values()):
+            logger.info("magsdk: the generation stopped before its last step; its curve is not kept")
+            return
+        result = CalibrationResult(branches=merge_runs(runs[-1:]), transformer=type(self.transformer).__name__)
+        if self.calibrated_schedule and self.auto.scheduler is not None:
+            result.scheduler = type(self.auto.scheduler).__name__
+            result.schedule = schedule_info(
+                self.calibrated_schedule, self.auto.scheduler, self.set_timesteps_kwargs, self.image_tokens
+            )
+        self.auto.save(key, result)
 
     def calibration_result(self) -> CalibrationResult:
         """Mean curve per branch over the generations seen, with the spread across them."""

@@ -36,7 +36,12 @@ class CacheStats(BaseModel):
     #: Generations started over the handle's life (records are kept for the last ``keep_generations``).
     generations_seen: int = 0
     keep_generations: int = Field(DEFAULT_KEEP_GENERATIONS, ge=1)
+    #: How each branch's curve was obtained in its latest generation (``"transformer:cond"`` → description).
+    curves: dict[str, str] = Field(default_factory=dict)
     _records: OrderedDict[tuple[str, int], list[CallRecord]] = PrivateAttr(default_factory=OrderedDict)
+
+    def note_curve(self, module: str, branch: str, how: str) -> None:
+        self.curves[f"{module}:{branch}"] = how
 
     def record(self, call: CallRecord) -> None:
         key = (call.module, call.generation)
@@ -89,6 +94,7 @@ class CacheStats(BaseModel):
         self.computed_calls = 0
         self.skipped_calls = 0
         self.generations_seen = 0
+        self.curves.clear()
         self._records.clear()
 
     def _calls_of(self, generation: int) -> list[CallRecord]:

@@ -1,0 +1,170 @@
+"""Zero-config start (``auto_calibrate``) and block metadata found by block class (``TransformerBlockRegistry``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from tiny_models import denoise, fresh_copy, tiny_flux
+
+import magsdk
+from magsdk.calibration import curve_store
+from magsdk.errors import StrategyNotFoundError
+from magsdk.runtime import autotrace
+
+STEPS = 8
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MAGSDK_CACHE_DIR", str(folder))
+    return folder
+
+
+def saved_pipeline(folder: Path) -> Path:
+    from magsdk.reference.components import build_pipeline
+
+    build_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+def generate(pipe: Any, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        out = pipe("a cat", num_inference_steps=STEPS, height=32, width=32, max_sequence_length=16,
+                   output_type="latent", generator=torch.Generator().manual_seed(seed))
+    return out.images  # type: ignore[no-any-return]
+
+
+SECOND_PROCESS = textwrap.dedent(
+    """
+    import json, sys, torch
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    import magsdk
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+    pipe.set_progress_bar_config(disable=True)
+    if sys.argv[2] != "same":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=float(sys.argv[2]))
+    handle = magsdk.enable(pipe, auto_calibrate=True)
+    with torch.no_grad():
+        pipe("a cat", num_inference_steps=8, height=32, width=32, max_sequence_length=16, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    print(json.dumps({"computed": handle.stats.computed_calls, "skipped": handle.stats.skipped_calls}))
+    """
+)
+
+
+def test_auto_calibrate_measures_then_caches_and_later_processes_reuse_the_curve(tmp_path, cache_dir):
+    from diffusers import DiffusionPipeline
+
+    folder = saved_pipeline(tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    handle = magsdk.enable(pipe, auto_calibrate=True)
+    generate(pipe)
+    assert handle.stats.computed_calls == STEPS and handle.stats.skipped_calls == 0  # generation 1: measured
+    generate(pipe, seed=1)
+    assert handle.stats.skipped_calls > 0  # generation 2: cached with the measured curve
+    records = curve_store.records()
+    assert len(records) == 1
+    path, record = records[0]
+    assert path.parent == cache_dir / "curves"
+    assert record.key.num_steps == STEPS and record.key.transformer == "FluxTransformer2DModel"
+    assert record.result.schedule is not None and len(record.result.schedule.timesteps) == STEPS
+    handle.disable()
+
+    def second_process(shift: str) -> dict[str, int]:
+        done = subprocess.run([sys.executable, "-c", SECOND_PROCESS, str(folder), shift], capture_output=True,
+                              text=True, timeout=300, env=None)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    reused = second_process("same")
+    assert reused["skipped"] > 0 and reused["computed"] + reused["skipped"] == STEPS  # found the cached curve
+    other = second_process("3.0")
+    assert other == {"computed": STEPS, "skipped": 0}  # another shift: measured anew, not reused
+    assert len(curve_store.records()) == 2
+
+
+def test_auto_calibrate_on_a_bare_transformer_needs_the_step_count(cache_dir):
+    model = tiny_flux(layers=1, single_layers=1)
+    with pytest.raises(magsdk.UsageError, match="auto_calibrate keys each curve by the run's step count"):
+        magsdk.enable(model, auto_calibrate=True)
+    assert "forward" not in model.__dict__  # nothing left half-attached
+    with magsdk.enable(model, magsdk.MagCacheConfig(auto_calibrate=True, num_inference_steps=STEPS)) as handle:
+        denoise(model, STEPS)
+        denoise(model, STEPS)
+        assert handle.stats.computed_steps(generation=0) == list(range(STEPS))
+        assert handle.stats.skipped_steps(generation=1)
+
+
+def test_no_strategy_and_no_curve_names_auto_calibrate_and_scaffold():
+    class Unknown(FluxTransformer2DModel):
+        pass
+
+    model = tiny_flux(layers=1, single_layers=1)
+    model.__class__ = Unknown
+    with pytest.raises(StrategyNotFoundError) as error:
+        magsdk.enable(model)
+    assert "auto_calibrate=True" in str(error.value) and "magsdk scaffold" in str(error.value)
+
+
+def test_registered_block_classes_serve_a_transformer_without_strategy(caplog):
+    """A Flux subclass nobody wrote a strategy for: its blocks are registered by class, so no tracing."""
+
+    class MyFlux(FluxTransformer2DModel):
+        pass
+
+    autotrace.forget()
+    base = tiny_flux()
+    known, unknown = fresh_copy(base), fresh_copy(base)
+    unknown.__class__ = MyFlux
+    config = magsdk.MagCacheConfig(mag_ratios=[1.0] * 10, threshold=0.5, max_skip_steps=2, retention_ratio=0.1)
+    with caplog.at_level(logging.INFO, logger="magsdk"):
+        with magsdk.enable(known, config) as a, magsdk.enable(unknown, config) as b:
+            assert b.blocks[0] == "transformer_blocks.0 (head)"  # attached at once: nothing to trace
+            assert b.metadata_sources == {"transformer": "registry"} and a.metadata_sources == {"transformer": "strategy"}
+            assert torch.equal(denoise(known, 10, cfg=True), denoise(unknown, 10, cfg=True))
+            assert a.stats.per_branch() == b.stats.per_branch() and b.stats.skipped_calls > 0
+    assert not any("inferred from its first call" in r.message for r in caplog.records)
+    assert autotrace.known_report(unknown) is None
+
+
+def test_a_user_registration_by_block_class_is_used(monkeypatch):
+    """Registering one block class serves every transformer built from it (as in diffusers)."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    class OwnDouble(FluxTransformerBlock):
+        pass
+
+    class OwnSingle(FluxSingleTransformerBlock):
+        pass
+
+    class OwnFlux(FluxTransformer2DModel):
+        pass
+
+    model = tiny_flux()
+    model.__class__ = OwnFlux
+    for block in model.transformer_blocks:
+        block.__class__ = OwnDouble
+    for block in model.single_transformer_blocks:
+        block.__class__ = OwnSingle
+    snapshot = magsdk.TransformerBlockRegistry.snapshot()
+    try:
+        flux_meta = magsdk.StrategyRegistry.require("FluxTransformer2DModel").block_metadata
+        magsdk.TransformerBlockRegistry.register("OwnDouble", flux_meta["FluxTransformerBlock"])
+        magsdk.TransformerBlockRegistry.register("OwnSingle", flux_meta["FluxSingleTransformerBlock"])
+        config = magsdk.MagCacheConfig(mag_ratios=[1.0] * 10, threshold=0.5, max_skip_steps=2, retention_ratio=0.1)
+        with magsdk.enable(model, config, scheduler=FlowMatchEulerDiscreteScheduler()) as handle:
+            assert handle.metadata_sources == {"transformer": "registry"}
+            assert handle.blocks[-1] == "single_transformer_blocks.1 (tail)"
+    finally:
+        magsdk.TransformerBlockRegistry.restore(snapshot)

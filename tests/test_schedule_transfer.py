@@ -1,0 +1,175 @@
+"""Curves mapped through recorded schedules, and one curve function behind the runtime and ``plan``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tiny_models import flux_inputs, tiny_flux
+
+import magsdk
+from magsdk.codegen.literal import round_entry
+from magsdk.config import CalibrationEntry
+from magsdk.curves import TimestepMap
+from magsdk.schedules import timesteps_for
+from strategies.flux import CALIBRATIONS
+
+FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+
+
+def flux_schedule(steps: int, shift: float = 3.0) -> list[float]:
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return [float(t) for t in scheduler.timesteps]
+
+
+# -- the maths -----------------------------------------------------------------------------------------
+def test_mapping_onto_its_own_schedule_is_the_identity_even_after_rounding():
+    t28 = flux_schedule(28)
+    assert TimestepMap(FLUX_RATIOS, t28).map(t28) == FLUX_RATIOS
+    stored = [round(t, 5) for t in t28]  # what a strategy file keeps
+    assert TimestepMap(FLUX_RATIOS, stored).map(t28) == FLUX_RATIOS
+
+
+def test_mapping_28_to_14_to_28_keeps_the_growth_between_shared_timesteps():
+    t28 = flux_schedule(28)
+    t14 = t28[::2]  # every other step: the coarse grid is part of the fine one
+    coarse = TimestepMap(FLUX_RATIOS, t28).map(t14)
+    for k in range(1, 14):  # a coarse ratio is the product of the fine ratios it spans
+        assert coarse[k] == pytest.approx(FLUX_RATIOS[2 * k - 1] * FLUX_RATIOS[2 * k], rel=1e-9)
+    back = TimestepMap(coarse, t14).map(t28)
+    for k in range(1, 14):  # and mapping back keeps that growth between the shared timesteps
+        assert back[2 * k - 1] * back[2 * k] == pytest.approx(coarse[k], rel=1e-9)
+    assert math.prod(back[1:27]) == pytest.approx(math.prod(FLUX_RATIOS[1:27]), rel=1e-9)
+    assert back == pytest.approx(FLUX_RATIOS, rel=0.05)
+
+
+# -- runtime == plan, per branch, both mapping modes ---------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe() -> Any:
+    from magsdk.reference.components import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: Any, steps: int, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        out = pipe("a cat", negative_prompt="blurry", true_cfg_scale=2.0, num_inference_steps=steps, height=32,
+                   width=32, max_sequence_length=16, output_type="latent",
+                   generator=torch.Generator().manual_seed(seed))
+    return out.images  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def calibration(pipe) -> magsdk.CalibrationResult:
+    with magsdk.calibrate(pipe) as cal:
+        generate(pipe, 12)
+        generate(pipe, 12, seed=1)
+    assert cal.result is not None and set(cal.result.branches) == {"cond", "uncond"}
+    assert cal.result.schedule is not None and len(cal.result.schedule.timesteps) == 12
+    return cal.result
+
+
+@pytest.mark.parametrize("per_branch", [False, True], ids=["shared", "per-branch"])
+@pytest.mark.parametrize("resample", ["auto", "index"])
+def test_plan_is_what_the_runtime_computes_per_branch(pipe, calibration, resample, per_branch):
+    config = magsdk.MagCacheConfig(mag_ratios=calibration, threshold=0.12, max_skip_steps=3, retention_ratio=0.2,
+                                   resample=resample, per_branch_curves=per_branch)
+    with magsdk.enable(pipe, config) as handle:
+        for steps in (12, 8, 20):
+            generate(pipe, steps)
+            run_timesteps = [float(t) for t in pipe.scheduler.timesteps]
+            assert timesteps_for(calibration.schedule, steps) == pytest.approx(run_timesteps, abs=1e-3)
+            for position, branch in enumerate(("cond", "uncond")):
+                planned = handle.plan(steps, branch, position=position, timesteps=run_timesteps)
+                assert handle.stats.computed_steps(branch) == planned.computed_steps, (steps, branch)
+                # the same plan from the public function, as `magsdk plan` makes it
+                assert magsdk.plan(calibration, config, steps, branch, position=position,
+                                   timesteps=run_timesteps) == planned
+            curves = handle.stats.curves
+            mapped = "mapped through scheduler timesteps" in curves["transformer:cond"]
+            assert mapped == (resample == "auto" and steps != 12), curves
+            if not per_branch:
+                assert handle.stats.computed_steps("cond") == handle.stats.computed_steps("uncond")
+
+
+def test_a_pipeline_on_another_shift_follows_the_mapped_curve(pipe, calibration):
+    shifted = copy.copy(pipe)
+    shifted.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
+    settings = dict(threshold=0.12, max_skip_steps=3, retention_ratio=0.2)
+    with magsdk.enable(shifted, magsdk.MagCacheConfig(mag_ratios=calibration, **settings)) as handle:
+        generate(shifted, 12)
+        assert "mapped through scheduler timesteps onto 12 steps" in handle.stats.curves["transformer:cond"]
+        mapped_steps = handle.stats.computed_steps("cond")
+        expected = handle.plan(12, "cond", timesteps=[float(t) for t in shifted.scheduler.timesteps])
+        assert mapped_steps == expected.computed_steps
+    index_config = magsdk.MagCacheConfig(mag_ratios=calibration, resample="index", **settings)
+    same_schedule = magsdk.plan(calibration, index_config, 12, "cond").computed_steps
+    assert mapped_steps != same_schedule  # the shift changed what the curve says
+
+
+def test_a_run_outside_the_calibrated_range_warns_once_with_the_numbers(pipe, calibration, caplog):
+    config = magsdk.MagCacheConfig(mag_ratios=calibration, threshold=0.12)
+    with caplog.at_level(logging.WARNING, logger="magsdk"), magsdk.enable(pipe, config):
+        generate(pipe, 40)  # 40 steps reach timesteps below the 12-step schedule's last (1000/12)
+        generate(pipe, 40)
+    warnings = [r.getMessage() for r in caplog.records if "outside the calibrated schedule's range" in r.getMessage()]
+    assert len(warnings) == 1 and "of this run's timesteps" in warnings[0]
+    plan = magsdk.plan(calibration, config, 40, "cond", timesteps=timesteps_for(calibration.schedule, 40))
+    assert plan.out_of_range and min(plan.out_of_range) < min(calibration.schedule.timesteps)
+
+
+# -- online mapping: a hand loop that knows nothing of its schedule ---------------------------------------
+def hand_loop(model: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, steps: int) -> torch.Tensor:
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 4, generator=g)
+    cond = flux_inputs(model, side=4)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            pred = model(hidden_states=latents, timestep=t.expand(1) / 1000, **cond)[0]
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    return latents
+
+
+def test_online_mapping_computes_what_the_scheduler_aware_run_computes():
+    model = tiny_flux()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    with magsdk.calibrate(model, scheduler=scheduler) as cal:
+        hand_loop(model, scheduler, 28)
+    result = cal.result
+    assert result is not None and result.schedule is not None and result.argument_timesteps() is not None
+    settings = dict(threshold=0.2, max_skip_steps=4, retention_ratio=0.2)
+    for steps in (28, 14, 40):
+        known = copy.deepcopy(model)
+        with magsdk.enable(known, magsdk.MagCacheConfig(mag_ratios=result, **settings), scheduler=scheduler) as a:
+            hand_loop(known, scheduler, steps)
+            assert "scheduler timesteps" in a.stats.curves["transformer:pass0"] or steps == 28
+        online = copy.deepcopy(model)
+        bare = result.model_copy(update={"schedule": None})  # only the timestep argument's values
+        with magsdk.enable(online, magsdk.MagCacheConfig(mag_ratios=bare, **settings)) as b:
+            hand_loop(online, FlowMatchEulerDiscreteScheduler(shift=3.0), steps)
+            assert "online" in b.stats.curves["transformer:pass0"]
+        assert b.stats.computed_steps() == a.stats.computed_steps(), steps
+        assert b.stats.skipped_calls > 0
+
+
+def test_entries_without_timesteps_fall_back_to_index_mapping_with_a_note(caplog):
+    entry = CalibrationEntry(num_steps=28, branches={"default": FLUX_RATIOS})
+    rounded = round_entry(entry)
+    config = magsdk.MagCacheConfig(mag_ratios=rounded.branches, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
+    with caplog.at_level(logging.INFO, logger="magsdk"):
+        plan = magsdk.plan(None, config, 14)
+    assert "resampled by nearest index" in plan.mapping
+    assert any("no recorded timesteps" in r.getMessage() for r in caplog.records)
+    index = magsdk.plan(None, config.model_copy(update={"resample": "index"}), 14)
+    assert plan.computed_steps == index.computed_steps
+    with pytest.raises(magsdk.UsageError, match="resample='timesteps' but"):
+        magsdk.plan(None, config.model_copy(update={"resample": "timesteps"}), 14)
