@@ -296,6 +296,12 @@ class InspectionReport(BaseModel):
     inputs: str = "synthesized"
     seconds: float | None = None
 
+    @model_validator(mode="after")
+    def _warnings_follow_notes(self) -> InspectionReport:
+        if self.notes and not self.warnings:
+            self.warnings = [note.message for note in self.notes]
+        return self
+
     @property
     def ambiguous(self) -> bool:
         return bool(self.ambiguities)

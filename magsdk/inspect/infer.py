@@ -553,6 +553,8 @@ def _fallback_slot(group: _Group, arg: str) -> SlotKey:
     slots = [s for s, o in call.output_shapes.items() if o is not None]
     if shape is not None:
         same = [s for s in slots if call.output_shapes[s] == shape]
+        if len(same) > 1:  # an output that is another argument passed through is not this one's
+            same = [s for s in same if not _passes_through_other(call, arg, s)] or same
         if len(same) > 1:
             group.ties.append(_Tie(arguments=[arg], slots=same))
         if same:
@@ -561,6 +563,16 @@ def _fallback_slot(group: _Group, arg: str) -> SlotKey:
         if longer:
             return longer[0]
     return slots[0] if slots else None
+
+
+def _passes_through_other(call: BlockCall, arg: str, slot: SlotKey) -> bool:
+    out = output_slots(call.output)[1].get(slot)
+    if not isinstance(out, torch.Tensor) or call.values is None:
+        return False
+    return any(
+        name != arg and isinstance(value, torch.Tensor) and (value is out or same_values(value, out))
+        for name, value in call.values.items()
+    )
 
 
 def _same_but_tokens(a: tuple[int, ...] | None, b: tuple[int, ...]) -> bool:
