@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+import magsdk.config
 from magsdk.cli import main
-from magsdk.codegen.render import UNSUPPORTED_CODES, render_strategy, spec_from_report, unsupported_layouts
-from magsdk.config import BlockGroupReport, BlockMetadata, InspectionNote, InspectionReport, NoteCode
+from magsdk.codegen.render import render_strategy, spec_from_report, unsupported_layouts
+from magsdk.config import BlockGroupReport, BlockMetadata, InspectionReport
 from magsdk.errors import MagSDKError
 from magsdk.inspect import inspect_module
 
@@ -70,6 +71,8 @@ def _middle_report() -> InspectionReport:
 
 
 def test_every_warning_has_a_coded_note() -> None:
+    from magsdk.config import NoteCode
+
     report = _middle_report()
     assert report.warnings == [note.message for note in report.notes]
     assert "fused-image-in-middle" in report.codes()
@@ -86,7 +89,7 @@ def test_codegen_stubs_the_residual_for_the_fused_middle_layout() -> None:
     assert "def compute_residual(" in render_strategy(spec)
 
 
-def _report(*notes: InspectionNote) -> InspectionReport:
+def _report(*notes: magsdk.config.InspectionNote) -> InspectionReport:
     meta = BlockMetadata(encoder_hidden_states_argument_name="encoder_hidden_states",
                          return_hidden_states_index=1, return_encoder_hidden_states_index=0)
     return InspectionReport(
@@ -97,6 +100,9 @@ def _report(*notes: InspectionNote) -> InspectionReport:
 
 
 def test_codegen_decides_from_codes_not_from_message_text() -> None:
+    from magsdk.codegen.render import UNSUPPORTED_CODES
+    from magsdk.config import InspectionNote, NoteCode
+
     # a message that mentions the residual and compute_residual, under a code the runtime handles
     wordy = InspectionNote(code="side-groups", message="refiner: the residual x_out - x_in is not defined for it; "
                            "a strategy that overrides compute_residual cannot take the residual of it either")
