@@ -289,6 +289,60 @@ class BlockGroupReport(BaseModel):
     metadata: BlockMetadata
 
 
+#: What an inspection note is about. Consumers (codegen, the zoo, the runtime) decide from the code,
+#: never from the wording of the message.
+NoteCode = Literal[
+    "separate-stack",  # a block list the hidden state reaches only through work outside any block: not cached
+    "interleaved-group",  # an uncached block list runs between cached blocks
+    "side-groups",  # block lists beside the stack (text refiners …): not cached, run on every step
+    "mixed-output-kinds",  # the blocks of one list return different kinds of output
+    "no-latent-lineage",  # no block argument derives from the latents: the hidden state was chosen by order
+    "fused-image-in-middle",  # image tokens neither first nor last in a fused sequence: no residual
+    "between-block-work",  # the hidden state is changed outside any block between two cached blocks
+    "in-place-change",  # a block output is changed in place between blocks
+    "residual-undefined",  # the last block's hidden output cannot be compared with the first block's input
+    "stale-second-stream",  # the transformer also returns a stream the cache passes through unchanged
+    "repeated-block-calls",  # a block runs more than once per forward
+    "block-order",  # blocks ran out of order or not at all
+    "argument-through-varargs",  # a state reaches forward through *args (no name to find it by)
+    "mixed-argument-forms",  # a state is passed positionally in some calls and by keyword in others
+    "argument-through-kwargs",  # a state reaches forward through **kwargs only
+    "tuple-subclass",  # blocks return a tuple subclass; skipped steps return a plain tuple
+    "hidden-not-tensor",  # the hidden output slot does not hold a tensor
+    "class-conventions-differ",  # one block class used with two conventions
+    "inconsistent-flows",  # not every block passed its states through the same slots
+    "ambiguous-output-slot",  # two assignments of arguments to output slots explain the trace equally well
+]
+
+
+class InspectionNote(BaseModel):
+    """One inspection warning with its code (``InspectionReport.warnings`` keeps the messages alone)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: NoteCode
+    message: str
+    #: The block group (path) the note is about, when it is about one.
+    group: str | None = None
+
+
+class AmbiguousSlots(BaseModel):
+    """Arguments of one block group whose output slots the traced forward does not decide.
+
+    The arguments and the slots have equal shapes and no slot is the very tensor (or equal values) of an
+    argument, so every pairing explains the trace equally well; ``chosen`` is what the value distance
+    would have picked, a guess that neither the runtime nor codegen accepts.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str
+    block_class: str
+    arguments: list[str]
+    slots: list[int | str | None]
+    chosen: dict[str, int | str | None] = Field(default_factory=dict)
+
+
 class InspectionReport(BaseModel):
     """What ``magsdk inspect`` found; the runtime can enable a cache from it directly."""
 
@@ -298,11 +352,28 @@ class InspectionReport(BaseModel):
     block_groups: list[BlockGroupReport]
     head: str
     tail: str
+    #: The messages of ``notes``, in the same order (kept for readers of the original JSON schema).
     warnings: list[str] = Field(default_factory=list)
+    notes: list[InspectionNote] = Field(default_factory=list)
+    #: Non-empty when the trace does not decide a cached group's output slots: the metadata is a guess.
+    ambiguities: list[AmbiguousSlots] = Field(default_factory=list)
     timestep_argument_name: str | None = None
     shrunk: dict[str, Any] = Field(default_factory=dict)
     inputs: str = "synthesized"
     seconds: float | None = None
+
+    @model_validator(mode="after")
+    def _warnings_follow_notes(self) -> InspectionReport:
+        if self.notes and not self.warnings:
+            self.warnings = [note.message for note in self.notes]
+        return self
+
+    @property
+    def ambiguous(self) -> bool:
+        return bool(self.ambiguities)
+
+    def codes(self) -> set[str]:
+        return {note.code for note in self.notes}
 
     def metadata_by_class(self) -> dict[str, BlockMetadata]:
         return {group.block_class: group.metadata for group in self.block_groups}

@@ -131,7 +131,8 @@ def test_registered_block_classes_serve_a_transformer_without_strategy(caplog):
     with caplog.at_level(logging.INFO, logger="magsdk"):
         with magsdk.enable(known, config) as a, magsdk.enable(unknown, config) as b:
             assert b.blocks[0] == "transformer_blocks.0 (head)"  # attached at once: nothing to trace
-            assert b.metadata_sources == {"transformer": "registry"} and a.metadata_sources == {"transformer": "strategy"}
+            assert b.metadata_sources == {"transformer": "registry"}
+            assert a.metadata_sources == {"transformer": "strategy"}
             assert torch.equal(denoise(known, 10, cfg=True), denoise(unknown, 10, cfg=True))
             assert a.stats.per_branch() == b.stats.per_branch() and b.stats.skipped_calls > 0
     assert not any("inferred from its first call" in r.message for r in caplog.records)

@@ -29,6 +29,7 @@ from magsdk.codegen import (
 )
 from magsdk.codegen.patch import strip_calibrations
 from magsdk.codegen.render import class_name_for, default_module_name
+from magsdk.config import InspectionNote
 from magsdk.registry import StrategyRegistry, discover_strategies
 from strategies.flux import FluxStrategy
 from strategies.flux2_klein import Flux2KleinStrategy
@@ -121,7 +122,10 @@ def test_template_error_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_unsupported_layout_renders_a_stub_that_raises(tmp_path: Path) -> None:
     warning = "single_transformer_blocks: the last block returns a layout the runtime cannot handle (packed tokens)"
-    spec = spec_from_report(flux_report([warning]), model="m", module_name="stubbed", calibrations=[entry(4)])
+    report = flux_report([warning]).model_copy(
+        update={"notes": [InspectionNote(code="residual-undefined", message=warning)]}
+    )
+    spec = spec_from_report(report, model="m", module_name="stubbed", calibrations=[entry(4)])
     text = render_strategy(spec)
     assert "def compute_residual(" in text and "raise BlockLayoutError(" in text
     assert "packed tokens" in text

@@ -5,7 +5,8 @@
     ground truth — while magsdk itself never reads it. For each registered block class, the transformer
     that contains it is found by scanning built models (not by a hand-made map), built tiny, inspected,
     and the inferred conventions must equal the table's.
-(b) ``tools/zoo.py`` over all 65 exported transformer classes: inspect, enable, skip a step.
+(b) ``tools/zoo.py`` over all 65 exported transformer classes: inspect, enable, skip a step, and compare the
+    skipped step's output with a reference computed without magsdk's runtime (``tools/skip_reference.py``).
 (c) shrinking the published FLUX.1-dev config keeps its structure.
 """
 
@@ -28,7 +29,9 @@ from magsdk.errors import UsageError
 from magsdk.inspect import inspect_module
 from magsdk.inspect.inputs import InputSynthesisError, synthesize_inputs
 from magsdk.inspect.shrink import build_small
-from tools.zoo import FLUX_DEV_CONFIG, run_zoo, transformer_classes
+from tools import zoo
+from tools.skip_reference import skip_reference
+from tools.zoo import ATOL, FLUX_DEV_CONFIG, RTOL, run_zoo, transformer_classes
 
 warnings.filterwarnings("ignore")
 
@@ -179,6 +182,10 @@ def _check(name: str) -> None:
     (result,) = run_zoo([name])
     assert result.passed, f"{name} failed at {result.stage}: {result.reason}"
     assert result.computed_steps == [0] and result.skipped_steps == [1]
+    # the skipped output is the reference's, and the reference is not what computing step 1 gives
+    assert result.skip_max_diff is not None and result.reference_scale is not None
+    assert result.skip_max_diff <= ATOL + RTOL * result.reference_scale
+    assert result.skip_vs_compute is not None and result.skip_vs_compute > ATOL + RTOL * result.reference_scale
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -190,6 +197,38 @@ def test_zoo_common_families(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(set(transformer_classes()) - set(FAST)))
 def test_zoo_other_families(name: str) -> None:
     _check(name)
+
+
+def test_reference_of_a_skip_is_input_plus_residual_by_the_numbers() -> None:
+    """diffusers-style doubling blocks: 10 → 40 computed (residual 30); step 1 at 11 is 41 skipped, 44 computed."""
+    from style_toys import DoublingStack, OneTupleBlock
+
+    model = DoublingStack()
+    report = inspect_module(model, (torch.tensor([[[10.0]]]),), {})
+    ref = skip_reference(model, report, ((torch.tensor([[[10.0]]]),), {}), ((torch.tensor([[[11.0]]]),), {}))
+    assert (ref.computed.item(), ref.residual.item(), ref.uncached_next.item(), ref.skipped_next.item()) == (
+        40.0, 30.0, 44.0, 41.0)
+    assert model.transformer_blocks[0].forward.__func__ is type(model.transformer_blocks[0]).forward  # untouched
+
+    single = OneTupleBlock()
+    enc = {"encoder_hidden_states": torch.tensor([[[1.0]]])}
+    report = inspect_module(single, (torch.tensor([[[10.0]]]),), enc)
+    ref = skip_reference(single, report, ((torch.tensor([[[10.0]]]),), enc), ((torch.tensor([[[11.0]]]),), enc))
+    assert [t.item() for t in ref.skipped_next] == [21.0, 1.0] and [t.item() for t in ref.uncached_next] == [22.0, 1.0]
+
+
+def test_zoo_fails_a_class_whose_skipped_output_is_not_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = zoo.skip_reference
+
+    def off_by_a_little(*args: Any, **kwargs: Any) -> Any:
+        ref = real(*args, **kwargs)
+        ref.skipped_next = (zoo._first_tensor(ref.skipped_next) + 1e-3,)
+        return ref
+
+    monkeypatch.setattr(zoo, "skip_reference", off_by_a_little)
+    (result,) = run_zoo(["FluxTransformer2DModel"])
+    assert not result.passed and result.stage == "check"
+    assert "differs from the reference" in result.reason and result.skip_max_diff == pytest.approx(1e-3, rel=1e-2)
 
 
 # -- (c) shrinking -------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ For each class whose name contains ``Transformer`` and ``Model`` in ``dir(diffus
 3. inspect it (``magsdk.inspect.inspect_module``: one traced forward, metadata inferred from data flow);
 4. ``magsdk.enable(model, MagCacheConfig(<flat curve>), metadata=report)`` with settings that force a skip at
    step 1, and call the transformer twice with two timesteps, as a 2-step denoising loop would;
-5. check that step 0 computed, step 1 was skipped, and the skipped step's output is finite and shaped like the
-   uncached output.
+5. check that step 0 computed exactly what the uncached model computes, that step 1 was skipped, and that the
+   skipped step's output equals an independent reference (``tools/skip_reference.py``: an unhooked copy of the
+   model run with its cached blocks replaced by "first block's input + the residual of step 0", built with plain
+   torch hooks and no magsdk runtime code), which must itself differ from computing step 1.
 
 Usage: ``python tools/zoo.py --out docs/zoo.md`` (``--classes A,B`` for a subset). Tests call ``run_zoo``.
 """
@@ -32,12 +34,15 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import magsdk
-from magsdk.config import InspectionReport, MagCacheConfig, atomic_write_text
+from magsdk.config import InspectionNote, InspectionReport, MagCacheConfig, NoteCode, atomic_write_text
+from magsdk.conventions import LATENT_ARGUMENT_NAMES, TIMESTEP_ARGUMENT_NAMES, metadata_text
 from magsdk.inspect import inspect_module, inspect_target
 from magsdk.inspect.inputs import synthesize_inputs
 from magsdk.inspect.shrink import build_small
-from magsdk.runtime.session import TIMESTEP_ARGUMENT_NAMES
+from tools.skip_reference import skip_reference
 
 #: The published FLUX.1-dev transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX_DEV_CONFIG: dict[str, Any] = {
@@ -56,6 +61,15 @@ FLUX_DEV_CONFIG: dict[str, Any] = {
 #: A flat curve with no retention and a generous threshold: step 0 computes, step 1 must skip.
 SKIP_CONFIG = MagCacheConfig(
     mag_ratios=[1.0, 1.0], threshold=10.0, max_skip_steps=1, retention_ratio=0.0, num_inference_steps=2
+)
+
+#: The skipped output must equal the reference within this (both add the same float32 residual to the same
+#: input, so they agree to rounding); the computed step must equal the uncached forward within the same.
+RTOL, ATOL = 1e-5, 1e-6
+
+#: Notes that mean a skipped step cannot reproduce what computing would (work between or beside the cached blocks).
+INEXACT_CODES: frozenset[NoteCode] = frozenset(
+    {"between-block-work", "in-place-change", "separate-stack", "interleaved-group"}
 )
 
 
@@ -78,6 +92,14 @@ class ZooResult(BaseModel):
     computed_steps: list[int] = Field(default_factory=list)
     skipped_steps: list[int] = Field(default_factory=list)
     output_shape: list[int] | None = None
+    #: max |skipped output − reference| and max |reference| (the scale it is measured against).
+    skip_max_diff: float | None = None
+    reference_scale: float | None = None
+    #: max |reference − computing step 1|: how far a skip is from a compute (must not be 0 for the check to tell).
+    skip_vs_compute: float | None = None
+    #: max |computed step 0 − uncached forward|.
+    computed_max_diff: float | None = None
+    notes: list[InspectionNote] = Field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -103,7 +125,7 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def _timestep_name(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
+def _timestep_name(kwargs: dict[str, Any]) -> str | None:
     """The argument the runtime's step tracker reads (same candidates, same order)."""
     for name in TIMESTEP_ARGUMENT_NAMES:
         if name in kwargs:
@@ -121,23 +143,42 @@ def _later_timestep(value: Any) -> Any:
 
 
 def _describe_metadata(report: InspectionReport) -> list[str]:
-    lines = []
-    for group in report.block_groups:
-        meta = group.metadata
-        where = f"[{meta.return_hidden_states_index}]" if meta.output_kind in ("tuple", "list") else ""
-        if meta.output_kind in ("dict", "dataclass"):
-            where = f".{meta.return_hidden_states_key}"
-        text = f"{group.path}: hidden={meta.hidden_states_argument_name}→out{where} ({meta.output_kind})"
-        if meta.encoder_hidden_states_argument_name:
-            enc = meta.return_encoder_hidden_states_index
-            enc_where = f"→out[{enc}]" if enc is not None else " (not returned)"
-            if meta.return_encoder_hidden_states_key:
-                enc_where = f"→out.{meta.return_encoder_hidden_states_key}"
-            text += f", encoder={meta.encoder_hidden_states_argument_name}{enc_where}"
-        if meta.fuses_inputs or meta.fused_sequence_order:
-            text += f", fused {meta.fused_sequence_order or ''}".rstrip()
-        lines.append(text)
-    return lines
+    return [f"{group.path}: {metadata_text(group.metadata)}" for group in report.block_groups]
+
+
+def _step_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], step: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Fresh copies of the inputs of denoising step ``step`` (0 or 1).
+
+    Step 1 has a later timestep and slightly moved latents, as in a denoising loop. Both matter
+    to the check: with the latents unchanged, a block stack that ignores the timestep computes at
+    step 1 exactly "step-1 input + step-0 residual", and a skip could not be told from a compute.
+    """
+    step_args, step_kwargs = copy.deepcopy((args, kwargs))
+    if step == 1:
+        name = _timestep_name(step_kwargs)
+        if name is not None:
+            step_kwargs[name] = _later_timestep(step_kwargs[name])
+        latent = next((n for n in LATENT_ARGUMENT_NAMES if n in step_kwargs), None)
+        if latent is not None:
+            step_kwargs[latent] = _moved(step_kwargs[latent], torch.Generator().manual_seed(1))
+    return step_args, step_kwargs
+
+
+def _moved(value: Any, generator: torch.Generator) -> Any:
+    """Latents one small denoising move later (tensors inside lists too)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value + 0.1 * torch.randn(value.shape, generator=generator, dtype=value.dtype).to(value.device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, generator) for v in value)
+    return value
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=RTOL, atol=ATOL))
 
 
 def largest_block_lists(model: torch.nn.Module) -> tuple[list[str], int]:
@@ -202,9 +243,13 @@ def run_one(name: str) -> ZooResult:
         result.head, result.tail = report.head, report.tail
         result.warnings = list(report.warnings)
 
-        ref_args, ref_kwargs = copy.deepcopy((args, kwargs))
+        result.notes = list(report.notes)
+        step0_args, step0_kwargs = _step_inputs(args, kwargs, 0)
         with torch.no_grad():
-            reference = _first_tensor(model(*ref_args, **ref_kwargs))
+            uncached = _first_tensor(model(*step0_args, **step0_kwargs))
+
+        result.stage = "reference"  # before enable: the copy must be of the unhooked model
+        reference = skip_reference(model, report, _step_inputs(args, kwargs, 0), _step_inputs(args, kwargs, 1))
 
         result.stage = "enable"
         handle = magsdk.enable(model, SKIP_CONFIG, metadata=report)
@@ -212,10 +257,7 @@ def run_one(name: str) -> ZooResult:
             result.stage = "denoise"
             outputs = []
             for step in range(2):
-                step_args, step_kwargs = copy.deepcopy((args, kwargs))
-                t_name = _timestep_name(model, step_kwargs)
-                if step == 1 and t_name is not None:
-                    step_kwargs[t_name] = _later_timestep(step_kwargs[t_name])
+                step_args, step_kwargs = _step_inputs(args, kwargs, step)
                 with torch.no_grad():
                     outputs.append(_first_tensor(model(*step_args, **step_kwargs)))
             stats = handle.stats
@@ -227,7 +269,9 @@ def run_one(name: str) -> ZooResult:
         result.stage = "check"
         result.cached = 1 in result.skipped_steps
         main_paths, main_size = largest_block_lists(model)
-        skipped = outputs[1]
+        computed, skipped = outputs
+        expected = _first_tensor(reference.skipped_next)
+        compute_next = _first_tensor(reference.uncached_next)
         if skipped is not None:
             result.output_shape = list(skipped.shape)
         problems = []
@@ -235,13 +279,30 @@ def run_one(name: str) -> ZooResult:
             problems.append(f"computed steps {result.computed_steps}, expected [0]")
         if not result.cached:
             problems.append(f"step 1 was not skipped (skipped steps: {result.skipped_steps})")
-        if skipped is None or reference is None:
+        if computed is None or skipped is None or uncached is None or expected is None or compute_next is None:
             problems.append("the transformer returned no tensor")
         else:
-            if skipped.shape != reference.shape:
-                problems.append(f"skipped-step output {tuple(skipped.shape)} != uncached {tuple(reference.shape)}")
-            if not bool(torch.isfinite(skipped).all()):
-                problems.append("skipped-step output is not finite")
+            result.computed_max_diff = _max_diff(computed, uncached) if computed.shape == uncached.shape else None
+            if not _close(computed, uncached):
+                problems.append(
+                    f"the computed step 0 differs from the uncached forward (max |Δ| {result.computed_max_diff})"
+                )
+            result.reference_scale = float(expected.abs().max())
+            result.skip_vs_compute = _max_diff(expected, compute_next) if expected.shape == compute_next.shape else None
+            if _close(expected, compute_next):
+                problems.append(
+                    "the reference skip equals computing step 1 (max |Δ| "
+                    f"{result.skip_vs_compute:.3g}), so this check cannot tell a skip from a compute"
+                )
+            if skipped.shape != expected.shape:
+                problems.append(f"skipped-step output {tuple(skipped.shape)} != reference {tuple(expected.shape)}")
+            else:
+                result.skip_max_diff = _max_diff(skipped, expected)
+                if not _close(skipped, expected):
+                    problems.append(
+                        f"the skipped step's output differs from the reference (max |Δ| {result.skip_max_diff:.3g}, "
+                        f"max |reference| {result.reference_scale:.3g}, rtol {RTOL}, atol {ATOL})"
+                    )
         cached_paths = [g.path for g in report.block_groups]
         if main_paths and not set(main_paths) & set(cached_paths):
             problems.append(
@@ -364,8 +425,13 @@ def render(results: list[ZooResult], found: int, flux: FluxTiming | None, comman
         "built small from its `__init__` defaults, inspected from synthesized inputs, then cached with "
         "`magsdk.enable(model, MagCacheConfig(...), metadata=report)`: a flat curve (`[1.0, 1.0]`, threshold 10, "
         "retention 0, K=1) forces a skip at step 1 of a 2-step run (two transformer calls with two timesteps). "
-        "A class passes when step 0 computed, step 1 was skipped, and the skipped step's output is finite and "
-        "has the uncached output's shape.",
+        "A class passes when step 0 computed exactly what the uncached model computes, step 1 was skipped, and "
+        "the skipped step's output equals a reference built without magsdk's runtime (`tools/skip_reference.py`): "
+        "an unhooked copy of the model, its step-0 residual (last cached block's hidden output minus the first "
+        "block's hidden input) captured with plain torch hooks, then step 1 run with every cached block replaced "
+        "by a pass-through that returns, in the block's own output container, its hidden input — plus that "
+        f"residual for the first block. Equal means `torch.allclose` with rtol {RTOL}, atol {ATOL}; the reference "
+        "must also differ from computing step 1, or the check could not tell a skip from a compute.",
         "",
         f"Generated by `{command}` with diffusers {_version('diffusers')}, torch {torch.__version__}, "
         f"Python {platform.python_version()} on {platform.machine()} (CPU); the run took {seconds:.1f} s.",
@@ -373,7 +439,7 @@ def render(results: list[ZooResult], found: int, flux: FluxTiming | None, comman
         f"**{passed}/{len(results)} pass** ({found} classes found in `dir(diffusers)`).",
         "",
     ]
-    inexact = [r.transformer for r in results if r.passed and any(_UNSAFE in w for w in r.warnings)]
+    inexact = [r.transformer for r in results if r.passed and INEXACT_CODES & {n.code for n in r.notes}]
     if inexact:
         lines += [
             f"{len(inexact)} of the passing classes run work between their blocks that a skipped step cannot "
@@ -409,21 +475,23 @@ def render(results: list[ZooResult], found: int, flux: FluxTiming | None, comman
     lines += [
         "## Results",
         "",
-        "| # | Class | Block groups (path × count, block class) | Inferred metadata | Cached | Result |",
-        "|---|---|---|---|---|---|",
+        "| # | Class | Block groups (path × count, block class) | Inferred metadata | Cached | Skipped output vs "
+        "reference: max \\|Δ\\| (reference vs computing) | Result |",
+        "|---|---|---|---|---|---|---|",
     ]
     for index, r in enumerate(results, 1):
         groups = "<br>".join(_cell(g) for g in r.groups) or "—"
         meta = "<br>".join(_cell(m) for m in r.metadata) or "—"
         cached = f"yes (computed {r.computed_steps}, skipped {r.skipped_steps})" if r.cached else "no"
         outcome = f"pass ({r.seconds:.2f} s)" if r.passed else f"**fail at {r.stage}**: {_cell(r.reason)}"
-        lines.append(f"| {index} | `{r.transformer}` | {groups} | {meta} | {cached} | {outcome} |")
-    warned = [r for r in results if r.warnings]
+        versus = "—" if r.skip_max_diff is None else f"{r.skip_max_diff:.3g} ({_num(r.skip_vs_compute)})"
+        lines.append(f"| {index} | `{r.transformer}` | {groups} | {meta} | {cached} | {versus} | {outcome} |")
+    warned = [r for r in results if r.notes]
     if warned:
         lines += ["", "## Inspection warnings", ""]
         for r in warned:
-            for w in r.warnings:
-                lines.append(f"- `{r.transformer}`: {_cell(w)}")
+            for note in r.notes:
+                lines.append(f"- `{r.transformer}` `{note.code}`: {_cell(note.message)}")
     failed = [r for r in results if not r.passed]
     lines += ["", "## Failures", ""]
     if failed:
@@ -439,7 +507,9 @@ def render(results: list[ZooResult], found: int, flux: FluxTiming | None, comman
     return "\n".join(lines) + "\n"
 
 
-_UNSAFE = "outside any block"
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
 
 
 def _short(value: Any) -> str:
@@ -457,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
     parser.add_argument("--classes", default=None, help="comma-separated subset of class names")
-    parser.add_argument("--no-flux-timing", action="store_true", help="skip the FLUX.1-dev timing")
+    parser.add_argument("--no-flux-timing", action="store_true",
+                        help="skip the FLUX.1-dev timing (a timing: run it on a quiet machine)")
     ns = parser.parse_args(argv)
     found = transformer_classes()
     classes = ns.classes.split(",") if ns.classes else found
@@ -475,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python tools/zoo.py" + (f" --out {ns.out}" if ns.out else "")
     if ns.classes:
         command += f" --classes {ns.classes}"
+    if ns.no_flux_timing:
+        command += " --no-flux-timing"
     text = render(results, len(found), flux, command, seconds)
     if ns.out:
         atomic_write_text(ns.out, text)

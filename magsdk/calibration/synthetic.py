@@ -72,7 +72,7 @@ def _hidden_name(model: torch.nn.Module, kwargs: Mapping[str, Any], command: str
 
 
 def _timestep_name(kwargs: Mapping[str, Any], hint: str | None, command: str) -> str:
-    from magsdk.inspect.inputs import TIMESTEP_NAMES
+    from magsdk.conventions import TIMESTEP_ARGUMENT_NAMES as TIMESTEP_NAMES
 
     candidates: list[str] = [hint] if hint else []
     for name in [*candidates, *TIMESTEP_NAMES]:

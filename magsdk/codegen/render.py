@@ -21,7 +21,7 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field
 
 from magsdk.codegen.literal import format_calibrations, py_value
-from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport
+from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport, NoteCode
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.strategy import MagCacheStrategy
 
@@ -39,13 +39,9 @@ CORE_FIELDS = (
     "output_kind",
 )
 
-#: Words in an inspection warning that mean the runtime cannot take this model's residual.
-_UNSUPPORTED_MARKERS = (
-    "compute_residual",
-    "residual x_out - x_in is not defined",
-    "runtime cannot handle",
-    "cannot take the residual",
-)
+#: Inspection note codes that mean the runtime cannot take this model's residual: the strategy gets a
+#: ``compute_residual`` stub to write by hand. Decided by code, never by the wording of a message.
+UNSUPPORTED_CODES: frozenset[NoteCode] = frozenset({"residual-undefined", "fused-image-in-middle"})
 
 
 class TemplateRenderError(MagSDKError):
@@ -107,8 +103,21 @@ def check_module_name(name: str) -> str:
 
 # -- spec from an inspection ------------------------------------------------------------------------
 def unsupported_layouts(report: InspectionReport) -> list[str]:
-    """The report's warnings that say the runtime cannot take this model's residual."""
-    return [w for w in report.warnings if any(marker in w.lower() for marker in _UNSUPPORTED_MARKERS)]
+    """The messages of the report's notes that say the runtime cannot take this model's residual."""
+    return [note.message for note in report.notes if note.code in UNSUPPORTED_CODES]
+
+
+def check_decided(report: InspectionReport) -> None:
+    """Refuse to render guessed conventions: an ambiguous inspection would become a wrong strategy."""
+    if report.ambiguous:
+        groups = ", ".join(a.group for a in report.ambiguities)
+        raise MagSDKError(
+            f"the inspection of {report.transformer} does not decide the output slots of {groups} (see its "
+            "'ambiguous-output-slot' note), so no strategy is written. Run `magsdk inspect "
+            f"{report.transformer} --inputs FILE.py:FUNC` with inputs whose hidden and encoder states differ in "
+            "token count to see the conventions, and write the strategy's block_metadata from that "
+            "(docs/adapting-a-new-model.md)."
+        )
 
 
 def metadata_in_order(report: InspectionReport) -> dict[str, BlockMetadata]:
@@ -158,6 +167,7 @@ def spec_from_report(
     retention_ratio: float | None = None,
 ) -> StrategySpec:
     name = check_module_name(module_name or default_module_name(report.transformer))
+    check_decided(report)
     if not report.block_groups:
         raise MagSDKError(f"the inspection of {report.transformer} found no block groups; nothing to cache")
     base = MagCacheStrategy

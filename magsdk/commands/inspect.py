@@ -11,7 +11,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from magsdk.config import BlockMetadata, InspectionReport
+from magsdk.config import InspectionReport
+from magsdk.conventions import metadata_text
 from magsdk.errors import UsageError
 
 console = Console()
@@ -39,38 +40,13 @@ def _parse_config(raw: str | None) -> dict[str, Any] | None:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def _where(kind: str, index: int | None, key: str | None) -> str:
-    if key is not None:
-        return f"[{key!r}]"
-    if index is None:
-        return "-"
-    return "tensor" if kind == "tensor" else f"[{index}]"
-
-
-def _metadata_cells(m: BlockMetadata) -> tuple[str, str, str]:
-    out_hidden = _where(m.output_kind, m.return_hidden_states_index, m.return_hidden_states_key)
-    hidden = f"{m.hidden_states_argument_name} → {out_hidden}"
-    if m.encoder_hidden_states_argument_name is None:
-        encoder = "-"
-    else:
-        out = _where(m.output_kind, m.return_encoder_hidden_states_index, m.return_encoder_hidden_states_key)
-        encoder = f"{m.encoder_hidden_states_argument_name} → {out if m.output_kind != 'tensor' else '-'}"
-    fused: str = m.fused_sequence_order or "-"
-    if m.fuses_inputs:
-        fused += " (fuses inputs)"
-    return hidden, encoder, fused
-
-
 def print_report(report: InspectionReport) -> None:
     title = f"{report.transformer}: {sum(g.count for g in report.block_groups)} cached blocks"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("group, in execution order", "hidden: argument → output", "encoder: argument → output",
-                   "output", "fused text+image"):
-        table.add_column(column, overflow="fold")
+    table.add_column("group, in execution order", overflow="fold")
+    table.add_column("conventions: argument → output (output kind)", overflow="fold")
     for group in report.block_groups:
-        hidden, encoder, fused = _metadata_cells(group.metadata)
-        table.add_row(f"{group.path}\n  {group.count} × {group.block_class}", hidden, encoder,
-                      group.metadata.output_kind, fused)
+        table.add_row(f"{group.path}\n  {group.count} × {group.block_class}", metadata_text(group.metadata))
     console.print(table)
     console.print(f"head block: [bold]{report.head}[/]   tail block: [bold]{report.tail}[/]   "
                   f"timestep argument: {report.timestep_argument_name or '-'}", highlight=False)
@@ -80,10 +56,19 @@ def print_report(report: InspectionReport) -> None:
         console.print(f"built small: {shrunk}", highlight=False, soft_wrap=True)
     seconds = f" in {report.seconds:.2f} s" if report.seconds is not None else ""
     console.print(f"traced one forward with {report.inputs} inputs{seconds}", highlight=False)
-    if report.warnings:
+    if report.ambiguous:
+        groups = ", ".join(a.group for a in report.ambiguities)
+        console.print(f"[bold red]ambiguous[/]: the trace does not decide the output slots of {groups}; the metadata "
+                      "above is a guess that magsdk.enable() and scaffold refuse (see the note below)",
+                      highlight=False, soft_wrap=True)
+    if report.notes:
+        console.print("[bold yellow]warnings[/] (read them before caching):")
+        for note in report.notes:
+            console.print(f"  • [{note.code}] {note.message}", highlight=False, soft_wrap=True, markup=False)
+    elif report.warnings:  # a report made before notes had codes
         console.print("[bold yellow]warnings[/] (read them before caching):")
         for warning in report.warnings:
-            console.print(f"  • {warning}", highlight=False, soft_wrap=True)
+            console.print(f"  • {warning}", highlight=False, soft_wrap=True, markup=False)
     else:
         console.print("[green]no warnings[/]: the block stack can be cached with head/tail hooks")
 

@@ -15,6 +15,7 @@ from rich.text import Text
 from magsdk.calibration.drivers import read_prompts
 from magsdk.commands import invocation, make_console, quiet_library_progress
 from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport, MagCacheConfig
+from magsdk.conventions import metadata_text
 from magsdk.errors import UsageError
 from magsdk.ratios import plan
 from magsdk.workflow.calibrate import CalibrateOutcome, calibrate_file
@@ -134,30 +135,8 @@ def _log(line: str) -> None:
 
 # -- summaries --------------------------------------------------------------------------------------
 def metadata_summary(metadata: BlockMetadata) -> str:
-    """The conventions in one line: argument names and where the states come out."""
-    out = metadata.output_kind
-    if metadata.output_kind in ("dict", "dataclass"):
-        where = f"{out}[{metadata.return_hidden_states_key!r}]"
-        enc = f", encoder out {out}[{metadata.return_encoder_hidden_states_key!r}]" if (
-            metadata.return_encoder_hidden_states_key) else ""
-    elif metadata.output_kind == "tensor":
-        where, enc = "tensor", ""
-    else:
-        where = f"{out}[{metadata.return_hidden_states_index}]"
-        enc = (
-            f", encoder out [{metadata.return_encoder_hidden_states_index}]"
-            if metadata.return_encoder_hidden_states_index is not None
-            else ""
-        )
-    text = f"in {metadata.hidden_states_argument_name}"
-    if metadata.encoder_hidden_states_argument_name:
-        text += f" / {metadata.encoder_hidden_states_argument_name}"
-    text += f"; out {where}{enc}"
-    if metadata.fused_sequence_order:
-        text += f"; fused {metadata.fused_sequence_order.replace('_', '+')}"
-    if metadata.fuses_inputs:
-        text += " (fuses inputs)"
-    return text
+    """The conventions in one line, as ``magsdk inspect`` shows them."""
+    return metadata_text(metadata)
 
 
 def blocks_table(report: InspectionReport) -> Group:

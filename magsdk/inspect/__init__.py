@@ -5,9 +5,10 @@
 The runtime's first-call tracing uses ``trace`` and ``infer`` only (never shrinking or synthesis).
 """
 
-from magsdk.inspect.infer import infer_metadata, summary
+from magsdk.inspect.infer import ambiguity_error, infer_metadata, summary
 from magsdk.inspect.inspector import (
     ForwardFailedError,
+    NotADenoiserError,
     inputs_example,
     inspect_module,
     inspect_target,
@@ -19,8 +20,10 @@ from magsdk.inspect.trace import BlockContainer, Trace, find_block_containers, t
 __all__ = [
     "BlockContainer",
     "ForwardFailedError",
+    "NotADenoiserError",
     "ResolvedTarget",
     "Trace",
+    "ambiguity_error",
     "find_block_containers",
     "infer_metadata",
     "inputs_example",

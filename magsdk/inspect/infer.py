@@ -17,7 +17,10 @@ The steps:
    makes the sequence fused text+image from there on). Groups off the chain are side groups
    (e.g. text refiners) and are not cached;
 4. per chain group, the hidden and encoder argument/slot, output kind, fused layout;
-5. warnings for whatever would make head/tail caching unsafe.
+5. notes (each with a code, see ``magsdk.config.NoteCode``) for whatever would make head/tail
+   caching unsafe, and the output slots the trace does not decide (``ambiguities``): when two
+   pairings of arguments and outputs explain the trace equally well, the report says so instead
+   of picking one, and the runtime refuses to cache with it.
 """
 
 from __future__ import annotations
@@ -28,13 +31,49 @@ from dataclasses import dataclass, field
 
 import torch
 
-from magsdk.config import BlockGroupReport, BlockMetadata, FusedOrder, InspectionReport, OutputKind
+from magsdk.config import (
+    AmbiguousSlots,
+    BlockGroupReport,
+    BlockMetadata,
+    FusedOrder,
+    InspectionNote,
+    InspectionReport,
+    NoteCode,
+    OutputKind,
+)
+from magsdk.conventions import metadata_text
 from magsdk.errors import BlockLayoutError
-from magsdk.inspect.trace import BlockCall, Link, Near, SlotKey, Trace, describe, output_slots, tokens_of
+from magsdk.inspect.trace import (
+    BlockCall,
+    Link,
+    Near,
+    SlotKey,
+    Trace,
+    describe,
+    output_slots,
+    same_values,
+    tokens_of,
+)
 
 _HIDDEN_HINTS = ("hidden_states", "hidden", "x", "tokens", "img", "image_tokens", "latents", "gen_seq", "h")
 _ENCODER_HINTS = ("encoder", "context", "text", "txt", "cond", "und", "prompt", "caption")
 _KINDS: tuple[OutputKind, ...] = ("tensor", "tuple", "list", "dict", "dataclass")
+
+
+class _Notes(list[InspectionNote]):
+    """The notes of one inference, in the order found, each message once."""
+
+    def add(self, code: NoteCode, message: str, group: str | None = None) -> None:
+        if all(note.message != message for note in self):
+            self.append(InspectionNote(code=code, message=message, group=group))
+
+
+@dataclass
+class _Tie:
+    """Arguments and output slots of one call that shapes pair up but nothing else decides between."""
+
+    arguments: list[str]
+    slots: list[SlotKey]
 
 
 @dataclass
@@ -49,6 +88,9 @@ class _Group:
     flows: dict[str, SlotKey] = field(default_factory=dict)  # arg -> output slot (exact links)
     near_flows: dict[str, SlotKey] = field(default_factory=dict)  # arg -> slot, changed between blocks
     disagreements: list[str] = field(default_factory=list)
+    #: Pairings the trace does not decide (single-call groups, fallback slots).
+    ties: list[_Tie] = field(default_factory=list)
+    _single_pairs: list[tuple[str, SlotKey]] | None = None
 
     @property
     def first(self) -> BlockCall:
@@ -64,7 +106,10 @@ class _Group:
         merged.update(self.flows)
         if len(self.calls) > 1:
             return list(merged.items())
-        return _shape_pairs(self.first)
+        if self._single_pairs is None:
+            self._single_pairs, ties = _shape_pairs(self.first)
+            self.ties.extend(ties)
+        return list(self._single_pairs)
 
 
 @dataclass
@@ -125,7 +170,7 @@ def infer_metadata(trace: Trace) -> InspectionReport:
     Raises ``BlockLayoutError`` when no group of blocks carries the image tokens from block to
     block (nothing a head/tail cache could skip).
     """
-    warnings: list[str] = []
+    warnings = _Notes()
     groups = _groups(trace, warnings)
     facts = _Facts(trace, image_token_counts(trace), _text_token_counts(trace))
     segments = _chains(groups, facts, warnings)
@@ -139,7 +184,8 @@ def infer_metadata(trace: Trace) -> InspectionReport:
     segment = max(segments, key=lambda s: s.blocks)
     for other in segments:
         if other is not segment:
-            warnings.append(
+            warnings.add(
+                "separate-stack",
                 f"block groups {', '.join(g.group.path for g in other.groups)} form a separate stack "
                 f"({other.blocks} blocks) that the hidden state reaches only through work outside any block; "
                 f"only {', '.join(g.group.path for g in segment.groups)} ({segment.blocks} blocks) is cached"
@@ -151,36 +197,42 @@ def infer_metadata(trace: Trace) -> InspectionReport:
         g for g in groups if g.path not in in_chain and any(lo < c.order < hi for c in g.calls for lo, hi in gaps)
     ]
     for group in interleaved:
-        warnings.append(
+        warnings.add(
+            "interleaved-group",
             f"{group.path} ({group.count} × {group.block_class}) runs interleaved with the blocks of a cached group; "
             "on a skipped step it would still run between the pass-through blocks, so head/tail caching of this "
-            "layout is unsafe without a strategy"
+            "layout is unsafe without a strategy",
+            group=group.path,
         )
     beside = [
         g for g in groups
         if g.path not in in_segments and g not in interleaved and g.kind in _KINDS and g.pairs()
     ]
     if beside:
-        warnings.append(
+        warnings.add(
+            "side-groups",
             "not cached, they run on every step (e.g. text or conditioning refiners beside the image-token stack): "
             + ", ".join(f"{g.path} ({g.count} × {g.block_class})" for g in beside)
         )
     reports = [_group_report(chain, trace, warnings) for chain in segment.groups]
     _check_chain(segment, facts, warnings)
     _check_classes(reports, warnings)
+    ambiguities = _ambiguities(segment, warnings)
     head_group, tail_group = segment.groups[0].group, segment.groups[-1].group
     return InspectionReport(
         transformer=trace.transformer,
         block_groups=reports,
         head=head_group.first.path,
         tail=tail_group.last.path,
-        warnings=_unique(warnings),
+        warnings=[note.message for note in warnings],
+        notes=list(warnings),
+        ambiguities=ambiguities,
         timestep_argument_name=trace.timestep_name,
     )
 
 
 # -- step 1: groups and their flows -------------------------------------------------------------------
-def _groups(trace: Trace, warnings: list[str]) -> list[_Group]:
+def _groups(trace: Trace, warnings: _Notes) -> list[_Group]:
     groups: list[_Group] = []
     for path in trace.groups_in_order():
         calls = trace.group_calls(path)
@@ -190,9 +242,11 @@ def _groups(trace: Trace, warnings: list[str]) -> list[_Group]:
         group.kind = kinds.most_common(1)[0][0]
         if len(kinds) > 1:
             shown = ", ".join(f"{k} ({n} calls)" for k, n in kinds.items())
-            warnings.append(
+            warnings.add(
+                "mixed-output-kinds",
                 f"{path}: blocks return different kinds of output ({shown}); the runtime expects one layout "
-                "per block class"
+                "per block class",
+                group=path,
             )
         _vote_flows(group)
         groups.append(group)
@@ -230,21 +284,59 @@ def _vote_flows(group: _Group) -> None:
             taken.add(slot)
 
 
-def _shape_pairs(call: BlockCall) -> list[tuple[str, SlotKey]]:
-    """For a group called once: arguments paired with the output slot of the same shape."""
-    pairs: list[tuple[str, SlotKey]] = []
-    used: set[SlotKey] = set()
-    for name in _arg_order(call):
-        shape = call.shapes.get(name)
-        if shape is None or len(shape) < 2:
+def _shape_pairs(call: BlockCall) -> tuple[list[tuple[str, SlotKey]], list[_Tie]]:
+    """For a group called once: arguments paired with output slots, and the pairings nothing decides.
+
+    With no next block to hand a state to, the evidence is the call itself. An output that *is*
+    an argument (the very tensor, or equal values) is that argument passed through: a block that
+    returns ``(hidden * 2, encoder_hidden_states)`` returns the encoder state at [1], whatever
+    the values. The other arguments pair with the output of their shape. When several arguments
+    or several outputs share a shape, the nearest in value is taken as a guess and the tie is
+    returned, so that the report can call the pairing ambiguous if it matters.
+    """
+    values = call.values or {}
+    _, outputs = output_slots(call.output)
+    slots = {s: o for s, o in call.output_shapes.items() if o is not None}
+    args = [n for n in _arg_order(call) if (call.shapes.get(n) is not None and len(call.shapes[n] or ()) >= 2)]
+    paired: dict[str, SlotKey] = {}
+    for slot in slots:
+        out = outputs.get(slot)
+        if not isinstance(out, torch.Tensor):
             continue
-        matches = [s for s, o in call.output_shapes.items() if o == shape and s not in used]
+        same = [n for n in args if n not in paired and values.get(n) is out]
+        if not same:
+            same = [n for n in args if n not in paired and isinstance(values.get(n), torch.Tensor)
+                    and same_values(values[n], out)]
+        if len(same) == 1:
+            paired[same[0]] = slot
+    ties: list[_Tie] = []
+    used = set(paired.values())
+    for name in args:
+        if name in paired:
+            continue
+        shape = call.shapes.get(name)
+        matches = [s for s, o in slots.items() if o == shape and s not in used]
+        rivals = [n for n in args if n not in paired and call.shapes.get(n) == shape]
+        if len(matches) > 1 or (matches and len(rivals) > 1):
+            ties.append(_Tie(arguments=rivals, slots=matches))
         if len(matches) > 1:
             matches = _closest_slots(call, name, matches)
         if matches:
-            pairs.append((name, matches[0]))
+            paired[name] = matches[0]
             used.add(matches[0])
-    return pairs
+    return [(n, paired[n]) for n in args if n in paired], _merge_ties(ties)
+
+
+def _merge_ties(ties: list[_Tie]) -> list[_Tie]:
+    merged: list[_Tie] = []
+    for tie in ties:
+        twin = next((t for t in merged if set(t.arguments) & set(tie.arguments)), None)
+        if twin is None:
+            merged.append(_Tie(list(tie.arguments), list(tie.slots)))
+        else:
+            twin.arguments.extend(a for a in tie.arguments if a not in twin.arguments)
+            twin.slots.extend(x for x in tie.slots if x not in twin.slots)
+    return merged
 
 
 def _closest_slots(call: BlockCall, name: str, slots: list[SlotKey]) -> list[SlotKey]:
@@ -309,12 +401,13 @@ def _text_token_counts(trace: Trace) -> set[int]:
 NEAR_LIMIT = 0.5
 
 
-def _chains(groups: list[_Group], facts: _Facts, warnings: list[str]) -> list[_Segment]:
+def _chains(groups: list[_Group], facts: _Facts, warnings: _Notes) -> list[_Segment]:
     for strict in (True, False):
         segments = _build_segments(groups, facts, warnings, strict)
         if segments:
             if not strict:
-                warnings.append(
+                warnings.add(
+                    "no-latent-lineage",
                     f"no block argument derives from the latents {facts.latent!r} "
                     f"{facts.trace.inputs.get(facts.latent or '')} or holds their {sorted(facts.image_tokens)} tokens; "
                     "the hidden state was chosen by data flow and argument order alone"
@@ -323,7 +416,7 @@ def _chains(groups: list[_Group], facts: _Facts, warnings: list[str]) -> list[_S
     return []
 
 
-def _build_segments(groups: list[_Group], facts: _Facts, warnings: list[str], strict: bool) -> list[_Segment]:
+def _build_segments(groups: list[_Group], facts: _Facts, warnings: _Notes, strict: bool) -> list[_Segment]:
     segments: list[_Segment] = []
     for group in groups:
         if group.kind not in _KINDS:
@@ -397,7 +490,7 @@ def _image_region_equal(near: Near, segment: _Segment, fused: FusedOrder | None)
     return near.equal_suffix >= n if fused == "text_image" else near.equal_prefix >= n
 
 
-def _join(segment: _Segment, group: _Group, facts: _Facts, warnings: list[str]) -> _ChainGroup | None:
+def _join(segment: _Segment, group: _Group, facts: _Facts, warnings: _Notes) -> _ChainGroup | None:
     """``group`` continues the stack if one of its first call's arguments receives the image stream."""
     previous = segment.groups[-1]
     producer = previous.group.last.order
@@ -418,10 +511,12 @@ def _join(segment: _Segment, group: _Group, facts: _Facts, warnings: list[str]) 
             chain.fused = previous.fused
         _continue_encoder(chain, previous, link, facts)
         if not link.exact:
-            warnings.append(
+            warnings.add(
+                "in-place-change",
                 f"{previous.group.last.path} → {first.path}: the hidden state is changed in place between the "
                 "two groups, outside any block; on a skipped step the cached residual already holds that change "
-                "and it is applied again"
+                "and it is applied again",
+                group=group.path,
             )
         return chain
     for name, near in first.near.items():
@@ -433,11 +528,13 @@ def _join(segment: _Segment, group: _Group, facts: _Facts, warnings: list[str]) 
         elif near.rel_diff > NEAR_LIMIT:
             continue  # same shape, unrelated values
         else:
-            warnings.append(
+            warnings.add(
+                "between-block-work",
                 f"{previous.group.last.path} → {first.path}: {name!r} has the shape of the previous group's "
                 f"hidden output but other values (max |Δ| = {near.max_abs_diff:.3g}, relative "
                 f"{near.rel_diff:.3g}): work between the groups happens outside any block; on a skipped step the "
-                "cached residual already holds it and it runs again on top, so the stack is split there"
+                "cached residual already holds it and it runs again on top, so the stack is split there",
+                group=group.path,
             )
         _continue_encoder(chain, previous, None, facts)
         return chain
@@ -456,6 +553,10 @@ def _fallback_slot(group: _Group, arg: str) -> SlotKey:
     slots = [s for s, o in call.output_shapes.items() if o is not None]
     if shape is not None:
         same = [s for s in slots if call.output_shapes[s] == shape]
+        if len(same) > 1:  # an output that is another argument passed through is not this one's
+            same = [s for s in same if not _passes_through_other(call, arg, s)] or same
+        if len(same) > 1:
+            group.ties.append(_Tie(arguments=[arg], slots=same))
         if same:
             return _closest_slots(call, arg, same)[0]
         longer = [s for s in slots if _same_but_tokens(call.output_shapes[s], shape)]
@@ -464,18 +565,30 @@ def _fallback_slot(group: _Group, arg: str) -> SlotKey:
     return slots[0] if slots else None
 
 
+def _passes_through_other(call: BlockCall, arg: str, slot: SlotKey) -> bool:
+    out = output_slots(call.output)[1].get(slot)
+    if not isinstance(out, torch.Tensor) or call.values is None:
+        return False
+    return any(
+        name != arg and isinstance(value, torch.Tensor) and (value is out or same_values(value, out))
+        for name, value in call.values.items()
+    )
+
+
 def _same_but_tokens(a: tuple[int, ...] | None, b: tuple[int, ...]) -> bool:
     return a is not None and len(a) == len(b) >= 3 and a[0] == b[0] and a[2:] == b[2:]
 
 
-def _fused_order(position: int, parts: int, group: _Group, warnings: list[str]) -> FusedOrder | None:
+def _fused_order(position: int, parts: int, group: _Group, warnings: _Notes) -> FusedOrder | None:
     if position == parts - 1:
         return "text_image"
     if position == 0:
         return "image_text"
-    warnings.append(
+    warnings.add(
+        "fused-image-in-middle",
         f"{group.first.path} receives a concatenation of {parts} sequences with the image tokens in position "
-        f"{position}; the runtime can only take the residual of image tokens at the start or the end"
+        f"{position}; the runtime can only take the residual of image tokens at the start or the end",
+        group=group.path,
     )
     return None
 
@@ -567,7 +680,7 @@ def _is_sequence(shape: tuple[int, ...] | None) -> bool:
 
 
 # -- step 4: metadata --------------------------------------------------------------------------------------
-def _group_report(chain: _ChainGroup, trace: Trace, warnings: list[str]) -> BlockGroupReport:
+def _group_report(chain: _ChainGroup, trace: Trace, warnings: _Notes) -> BlockGroupReport:
     group = chain.group
     kind = group.kind
     assert kind in _KINDS
@@ -592,7 +705,9 @@ def _group_report(chain: _ChainGroup, trace: Trace, warnings: list[str]) -> Bloc
         fuses_inputs=chain.fuses_inputs,
     )
     for note in group.disagreements:
-        warnings.append(f"{group.path}: not every block passed its states the same way ({note})")
+        warnings.add(
+            "inconsistent-flows", f"{group.path}: not every block passed its states the same way ({note})", group.path
+        )
     return BlockGroupReport(path=group.path, block_class=group.block_class, count=group.count, metadata=metadata)
 
 
@@ -605,7 +720,7 @@ def _index_and_key(slot: SlotKey, slots: list[SlotKey]) -> tuple[int, str | None
 
 
 # -- step 5: what makes head/tail caching unsafe -------------------------------------------------------------
-def _check_chain(segment: _Segment, facts: _Facts, warnings: list[str]) -> None:
+def _check_chain(segment: _Segment, facts: _Facts, warnings: _Notes) -> None:
     head, tail = segment.groups[0], segment.groups[-1]
     head_shape = head.group.first.shapes.get(head.hidden_arg)
     tail_shape = tail.group.last.output_shapes.get(tail.hidden_slot)
@@ -617,18 +732,22 @@ def _check_chain(segment: _Segment, facts: _Facts, warnings: list[str]) -> None:
             and tail_shape[2:] == head_shape[2:]
         )
         if not fused_ok:
-            warnings.append(
+            warnings.add(
+                "residual-undefined",
                 f"the first block receives {head.hidden_arg!r} of shape {head_shape} but the last block returns "
                 f"{tail_shape}; the residual x_out - x_in is not defined, so the runtime cannot cache this stack "
-                "without a strategy that overrides compute_residual"
+                "without a strategy that overrides compute_residual",
+                group=tail.group.path,
             )
     outputs = [shape for shape in facts.trace.output_shapes if len(shape) >= 3]
     if tail.has_encoder_slot and tail.encoder_slot in tail.group.last.used_outside and len(outputs) > 1:
-        warnings.append(
+        warnings.add(
+            "stale-second-stream",
             f"the last block {tail.group.last.path} also returns {tail.encoder_arg!r} (output "
             f"{_slot_text(tail.encoder_slot)}), the transformer uses it after the blocks and returns "
             f"{len(outputs)} tensors {outputs} (a second modality?); on a skipped step it passes through unchanged "
-            "(only the hidden stream gets the cached residual), so that output would be stale"
+            "(only the hidden stream gets the cached residual), so that output would be stale",
+            group=tail.group.path,
         )
     for chain in segment.groups:
         group = chain.group
@@ -636,17 +755,21 @@ def _check_chain(segment: _Segment, facts: _Facts, warnings: list[str]) -> None:
         indices = [c.index for c in calls]
         if indices != list(range(group.count)):
             if len(indices) > group.count or len(set(indices)) < len(indices):
-                warnings.append(
+                warnings.add(
+                    "repeated-block-calls",
                     f"{group.path}: blocks were called {len(calls)} times for {group.count} blocks (a block runs "
                     "more than once per forward); the runtime hooks each block once and would take the wrong head "
-                    "or tail"
+                    "or tail",
+                    group=group.path,
                 )
             else:
                 missing = sorted(set(range(group.count)) - set(indices))
-                warnings.append(
+                warnings.add(
+                    "block-order",
                     f"{group.path}: blocks ran in the order {indices} (not 0..{group.count - 1}"
                     + (f"; never called: {missing}" if missing else "")
-                    + "); the runtime takes block 0 as the head and the last block as the tail"
+                    + "); the runtime takes block 0 as the head and the last block as the tail",
+                    group=group.path,
                 )
         if chain.hidden_arg in group.near_flows:
             changes = [c.near[chain.hidden_arg] for c in calls[1:]
@@ -654,20 +777,24 @@ def _check_chain(segment: _Segment, facts: _Facts, warnings: list[str]) -> None:
             changes = [n for n in changes if not _image_region_equal(n, segment, chain.fused)]
             if changes:
                 worst = max(changes, key=lambda n: n.max_abs_diff)
-                warnings.append(
+                warnings.add(
+                    "between-block-work",
                     f"{group.path}: between blocks the hidden state is changed outside any block (the input of a "
                     f"block is output {_slot_text(group.near_flows[chain.hidden_arg])} of the previous block plus "
                     f"something else, max |Δ| = {worst.max_abs_diff:.3g}), e.g. ControlNet residuals or token "
                     "replacement; on a skipped step the cached residual already holds that work and it runs again "
-                    "between the skipped blocks, so it is applied twice (with the values of the last computed step)"
+                    "between the skipped blocks, so it is applied twice (with the values of the last computed step)",
+                    group=group.path,
                 )
         for call in calls[1:]:
             link = call.links.get(chain.hidden_arg)
             if link is not None and not link.exact:
-                warnings.append(
+                warnings.add(
+                    "in-place-change",
                     f"{call.path}: {chain.hidden_arg!r} is the previous block's output changed in place between the "
                     "blocks (outside any block); on a skipped step the cached residual already holds that change "
-                    "and it is applied again"
+                    "and it is applied again",
+                    group=group.path,
                 )
                 break
         _check_forms(chain, warnings)
@@ -678,47 +805,57 @@ def _slot_text(slot: SlotKey) -> str:
     return "the bare tensor" if slot is None else f"[{slot!r}]"
 
 
-def _check_forms(chain: _ChainGroup, warnings: list[str]) -> None:
+def _check_forms(chain: _ChainGroup, warnings: _Notes) -> None:
     group = chain.group
     for name in (chain.hidden_arg, chain.encoder_arg):
         if name is None:
             continue
         forms = {c.forms.get(name) for c in group.calls} - {None, "default"}
         if "varargs" in forms or name.startswith("*"):
-            warnings.append(
+            warnings.add(
+                "argument-through-varargs",
                 f"{group.path}: {name!r} reaches {group.block_class}.forward through *args, so it has no name the "
-                "runtime can find it by; give forward a named parameter for it"
+                "runtime can find it by; give forward a named parameter for it",
+                group=group.path,
             )
         elif {"positional", "keyword"} <= forms:
-            warnings.append(
+            warnings.add(
+                "mixed-argument-forms",
                 f"{group.path}: {name!r} is passed positionally in some calls and by keyword in others; magsdk reads "
-                "both, but hooks that look arguments up in one form only will miss it"
+                "both, but hooks that look arguments up in one form only will miss it",
+                group=group.path,
             )
         elif forms == {"varkw"}:
-            warnings.append(
+            warnings.add(
+                "argument-through-kwargs",
                 f"{group.path}: {name!r} is not a parameter of {group.block_class}.forward (it arrives through "
-                "**kwargs); the runtime finds it only while it is passed by keyword"
+                "**kwargs); the runtime finds it only while it is passed by keyword",
+                group=group.path,
             )
 
 
-def _check_outputs(chain: _ChainGroup, warnings: list[str]) -> None:
+def _check_outputs(chain: _ChainGroup, warnings: _Notes) -> None:
     group = chain.group
     last = group.last
     if last.output_kind == "tuple" and type(last.output) is not tuple and last.output is not None:
-        warnings.append(
+        warnings.add(
+            "tuple-subclass",
             f"{group.path}: blocks return a {type(last.output).__name__} (a tuple subclass); on skipped steps the "
-            "runtime returns a plain tuple in its place"
+            "runtime returns a plain tuple in its place",
+            group=group.path,
         )
     _, slots = output_slots(last.output) if last.output is not None else ("none", {})
     hidden = slots.get(chain.hidden_slot) if slots else None
     if last.output is not None and not isinstance(hidden, torch.Tensor):
-        warnings.append(
+        warnings.add(
+            "hidden-not-tensor",
             f"{last.path} returns {describe(hidden)} where the hidden state should be "
-            f"(output {_slot_text(chain.hidden_slot)}); the runtime needs a tensor there"
+            f"(output {_slot_text(chain.hidden_slot)}); the runtime needs a tensor there",
+            group=group.path,
         )
 
 
-def _check_classes(reports: list[BlockGroupReport], warnings: list[str]) -> None:
+def _check_classes(reports: list[BlockGroupReport], warnings: _Notes) -> None:
     """The runtime keys metadata by block class; one class must not need two conventions.
 
     The fused order may differ (only the tail's is used, and ``metadata_by_class`` keeps the last group's).
@@ -730,35 +867,78 @@ def _check_classes(reports: list[BlockGroupReport], warnings: list[str]) -> None
             mine = report.metadata.model_copy(update={"fused_sequence_order": None})
             theirs = other.metadata.model_copy(update={"fused_sequence_order": None})
             if mine != theirs:
-                warnings.append(
+                warnings.add(
+                    "class-conventions-differ",
                     f"{report.block_class} is used by {other.path} and {report.path} with different conventions; "
                     "enable(..., metadata=report) keys them by group, but a strategy's block_metadata must then "
-                    "use the group paths as keys, not the class name"
+                    "use the group paths as keys, not the class name",
+                    group=report.path,
                 )
         seen.setdefault(report.block_class, report)
 
 
-def _unique(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
+# -- ambiguity ------------------------------------------------------------------------------------------------
+def _ambiguities(segment: _Segment, warnings: _Notes) -> list[AmbiguousSlots]:
+    """The ties that decide a cached group's hidden or encoder slot: the metadata there is a guess."""
+    found: list[AmbiguousSlots] = []
+    for chain in segment.groups:
+        group = chain.group
+        chosen = dict(group.pairs())
+        chosen[chain.hidden_arg] = chain.hidden_slot
+        if chain.has_encoder_slot and chain.encoder_arg is not None:
+            chosen[chain.encoder_arg] = chain.encoder_slot
+        states = {chain.hidden_arg} | ({chain.encoder_arg} if chain.has_encoder_slot and chain.encoder_arg else set())
+        for tie in group.ties:
+            if not states & set(tie.arguments):
+                continue
+            ambiguity = AmbiguousSlots(
+                group=group.path,
+                block_class=group.block_class,
+                arguments=list(tie.arguments),
+                slots=list(tie.slots),
+                chosen={a: chosen[a] for a in tie.arguments if a in chosen},
+            )
+            if ambiguity in found:
+                continue
+            found.append(ambiguity)
+            shapes = sorted({str(group.first.shapes.get(a)) for a in tie.arguments})
+            guess = ", ".join(f"{a} → {_slot_text(chosen[a])}" for a in tie.arguments if a in chosen)
+            warnings.add(
+                "ambiguous-output-slot",
+                f"{group.path} ({group.block_class}, called once): the arguments {', '.join(map(repr, tie.arguments))} "
+                f"and the outputs {', '.join(_slot_text(x) for x in tie.slots)} all have the shape {', '.join(shapes)} "
+                "and no output is an argument passed through, so this forward does not say which output holds "
+                f"which state (nearest in value: {guess or 'none'}, a guess the runtime will not use). "
+                + _ambiguity_hint(group.block_class),
+                group.path,
+            )
+    return found
+
+
+def _ambiguity_hint(block_class: str) -> str:
+    """What to do about an ambiguous inspection; shown by ``inspect`` and in the runtime's refusal."""
+    return (
+        "Inspect with inputs whose hidden and encoder states differ in token count (`magsdk inspect TARGET "
+        "--inputs FILE.py:FUNC`, or `magsdk.inspect.inspect_module(model, args, kwargs)`) and pass that report "
+        "with `magsdk.enable(model, config, metadata=report)`, or write the conventions yourself: "
+        f"`metadata={{{block_class!r}: magsdk.BlockMetadata(...)}}`."
+    )
+
+
+def ambiguity_error(report: InspectionReport) -> str:
+    """Why a cache will not be enabled with ``report``: the message of a refusal, with what to do next."""
+    notes = [n.message for n in report.notes if n.code == "ambiguous-output-slot"]
+    groups = ", ".join(f"{a.group} ({', '.join(a.arguments)})" for a in report.ambiguities)
+    return (
+        f"{report.transformer}: the traced call does not decide which block output holds which state in {groups}; "
+        "magsdk will not cache with guessed conventions (a wrong guess returns wrong images without an error). "
+        + (notes[0] if len(notes) == 1 else " ".join(notes))
+    )
 
 
 def summary(report: InspectionReport) -> str:
     """One line per group, for logs."""
-    lines = []
-    for group in report.block_groups:
-        m = group.metadata
-        where = (
-            f"[{m.return_hidden_states_key}]" if m.return_hidden_states_key else
-            ("" if m.output_kind == "tensor" else f"[{m.return_hidden_states_index}]")
-        )
-        enc = m.encoder_hidden_states_argument_name
-        enc_out = (
-            f"[{m.return_encoder_hidden_states_key}]" if m.return_encoder_hidden_states_key else
-            (f"[{m.return_encoder_hidden_states_index}]" if m.return_encoder_hidden_states_index is not None else "-")
-        )
-        fused = f", fused {m.fused_sequence_order}" if m.fused_sequence_order else ""
-        lines.append(
-            f"{group.path}: {group.count} × {group.block_class}, hidden {m.hidden_states_argument_name!r} → "
-            f"{m.output_kind}{where}, encoder {enc!r} → {enc_out}{fused}"
-        )
-    return "; ".join(lines)
+    return "; ".join(
+        f"{group.path}: {group.count} × {group.block_class}, {metadata_text(group.metadata)}"
+        for group in report.block_groups
+    )

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from magsdk.config import InspectionReport
-from magsdk.errors import MagSDKError, UsageError
+from magsdk.config import InspectionReport, NoteCode
+from magsdk.conventions import TIMESTEP_ARGUMENT_NAMES
+from magsdk.errors import BlockLayoutError, MagSDKError, UsageError
 from magsdk.inspect.infer import infer_metadata
 from magsdk.inspect.targets import ResolvedTarget, load_file_module, resolve_target
 from magsdk.inspect.trace import (
@@ -30,6 +31,55 @@ from magsdk.inspect.trace import (
 
 class ForwardFailedError(MagSDKError):
     """The transformer's forward raised with the inputs inspect used (exit code 1)."""
+
+
+class NotADenoiserError(UsageError):
+    """The model is not a denoising transformer (a VAE, a UNet …): there are no denoising steps to skip."""
+
+
+#: Notes that say the cached blocks are not one chain carrying the hidden state.
+_BROKEN_CHAIN: frozenset[NoteCode] = frozenset({"separate-stack", "interleaved-group"})
+
+
+def check_denoiser(report: InspectionReport) -> None:
+    """Refuse a model that is plainly not a denoising transformer instead of reporting a few "cached" blocks.
+
+    A diffusion transformer takes a timestep (the runtime's step tracking reads it) and runs one
+    chain of blocks that hands the hidden state from block to block, first to last. A model that
+    lacks the timestep and whose blocks form no such chain (AutoencoderKL: separate encoder and
+    decoder stacks, attention interleaved), or whose blocks neither form one chain nor keep the
+    hidden state's shape from the first block to the last (a UNet), has no step to skip. Either fact
+    alone is not enough: toy and custom transformers often take no timestep (the runtime then counts
+    calls), and real ones can have a stack that needs a hand-written residual.
+    """
+    codes = report.codes()
+    broken = sorted(codes & _BROKEN_CHAIN)
+    reshaped = "residual-undefined" in codes
+    no_timestep = report.timestep_argument_name is None
+    if not ((no_timestep and (broken or reshaped)) or (broken and reshaped)):
+        return
+    reasons = []
+    if no_timestep:
+        reasons.append(f"its forward takes no timestep argument (none of {', '.join(TIMESTEP_ARGUMENT_NAMES)})")
+    found = []
+    separate = sum(1 for n in report.notes if n.code == "separate-stack")
+    if separate:
+        found.append(f"its blocks form {separate + 1} stacks joined only by work outside any block")
+    between = [n.group or "?" for n in report.notes if n.code == "interleaved-group"]
+    if between:
+        found.append(f"{', '.join(between)} run{'s' if len(between) == 1 else ''} between the blocks of another list")
+    if reshaped:
+        found.append("the last block does not return the hidden state in the shape the first block received")
+    reasons.append("no single chain of blocks carries the hidden state from block to block (" + "; ".join(found) + ")")
+    raise NotADenoiserError(not_a_denoiser_message(report.transformer, reasons))
+
+
+def not_a_denoiser_message(name: str, reasons: list[str]) -> str:
+    return (
+        f"{name} is not a denoising transformer: " + ", and ".join(reasons) + ". magsdk caches the block stack of "
+        "the transformer a diffusion pipeline calls once per denoising step; inspect that model instead (a "
+        "transformer class such as FluxTransformer2DModel, or a pipeline folder, whose transformer inspect picks)."
+    )
 
 
 def inputs_example(model: torch.nn.Module) -> str:
@@ -71,7 +121,9 @@ def inspect_module(
 
     ``inputs`` only labels the report (``"user"`` or ``"synthesized"``) and the error message.
     Raises ``UsageError`` when the model has no list of repeated blocks, ``ForwardFailedError``
-    when the forward raises, ``BlockLayoutError`` when no block group carries a hidden state.
+    when the forward raises, ``BlockLayoutError`` when no block group carries a hidden state, and
+    ``NotADenoiserError`` (a ``UsageError``) for a model that is plainly no denoising transformer
+    (see :func:`check_denoiser`).
     """
     start = time.perf_counter()
     call_args, call_kwargs = tuple(args), dict(kwargs or {})
@@ -87,7 +139,18 @@ def inspect_module(
             "Give inspect inputs that work: write a function that returns (args, kwargs) for forward and pass "
             "it with --inputs FILE.py:FUNC, for example:\n\n" + inputs_example(model)
         ) from exc
-    report = infer_metadata(trace)
+    try:
+        report = infer_metadata(trace)
+    except BlockLayoutError as exc:
+        if trace.timestep_name is None:
+            raise NotADenoiserError(
+                not_a_denoiser_message(type(model).__name__, [
+                    f"its forward takes no timestep argument (none of {', '.join(TIMESTEP_ARGUMENT_NAMES)})",
+                    f"no chain of blocks carries the hidden state ({exc})",
+                ])
+            ) from exc
+        raise
+    check_denoiser(report)
     return report.model_copy(update={"inputs": inputs, "seconds": round(time.perf_counter() - start, 3)})
 
 

@@ -88,6 +88,7 @@ def build_small(
         raise UsageError(f"{cls!r} is not a torch.nn.Module subclass; inspect needs a transformer class")
     original = _initial_kwargs(cls, config)
     errors: list[str] = []
+    too_big: list[tuple[str, dict[str, Any], int]] = []
     for label, kwargs in _candidates(cls, original):
         try:
             with torch.device("meta"):
@@ -103,6 +104,7 @@ def build_small(
             count = 0
         if count > MAX_PARAMETERS:
             errors.append(f"{label}: {count / 1e6:.0f}M parameters")
+            too_big.append((label, kwargs, count))
             continue
         try:
             with torch.random.fork_rng(devices=[]):
@@ -115,6 +117,7 @@ def build_small(
         count = sum(p.numel() for p in model.parameters())
         if count > MAX_PARAMETERS:
             errors.append(f"{label}: {count / 1e6:.0f}M parameters")
+            too_big.append((label, kwargs, count))
             del model
             continue
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
@@ -124,11 +127,75 @@ def build_small(
         if label != "full":
             logger.info("%s: built with the %r shrink (%s)", cls.__name__, label, "; ".join(errors))
         return model, changed
+    if too_big and len(too_big) == len(errors):
+        raise UsageError(_too_big_message(cls, original, too_big))
     raise UsageError(
         f"cannot build {cls.__name__} small from its config: "
         + " | ".join(errors)
         + ". Pass a smaller configuration with --config JSON."
     )
+
+
+_SHRINK_LABELS = {
+    "full": "the full shrink (layer counts to 2 and every width it recognises)",
+    "layers only": "layers only (layer counts to 2, widths kept)",
+    "as configured": "as configured (nothing changed)",
+}
+
+
+def _too_big_message(
+    cls: type[torch.nn.Module], original: Mapping[str, Any], attempts: list[tuple[str, dict[str, Any], int]]
+) -> str:
+    """Every shrink is still too big: say what each changed, so the counts explain themselves.
+
+    The shrinks are tried from the smallest expected to the largest, but a "layers only" build can
+    hold more parameters than the "full" one (it keeps the widths the full shrink narrowed), and
+    neither touches sizes whose names it does not recognise; both facts used to be left for the
+    reader to guess from two bare numbers.
+    """
+    parts = []
+    for label, kwargs, count in attempts:
+        changed = [f"{k} {_short(original.get(k))}→{_short(v)}" for k, v in kwargs.items() if original.get(k) != v]
+        what = ", ".join(changed) if changed else (
+            "no argument changed" + (": no layer count above 2" if label == "layers only" else "")
+        )
+        parts.append(f"{_SHRINK_LABELS.get(label, label)}: {count / 1e6:.0f}M parameters ({what})")
+    full = next((kwargs for label, kwargs, _ in attempts if label == "full"), None)
+    kept = [
+        f"{k}={_short(v)}" for k, v in original.items()
+        if _is_size(v) and (full is None or full.get(k) == v)
+    ]
+    text = (
+        f"cannot build {cls.__name__} small: every shrink magsdk tried still has more than "
+        f"{MAX_PARAMETERS // 1_000_000}M parameters — " + "; ".join(parts) + "."
+    )
+    counts = {label: count for label, _, count in attempts}
+    if counts.get("layers only", 0) > counts.get("full", math.inf):
+        text += (
+            " Layers only holds more parameters than the full shrink because it keeps the widths the full shrink "
+            "narrowed."
+        )
+    if kept:
+        text += (
+            " No shrink narrows sizes whose names magsdk does not recognise as transformer widths, and these were "
+            f"kept: {', '.join(kept)}."
+        )
+    return text + (
+        " magsdk inspects diffusion transformers (lists of repeated blocks that keep the hidden state's shape); "
+        "for another architecture pass smaller sizes with --config JSON, e.g. --config '{\"" +
+        (kept[0].split("=")[0] if kept else "num_layers") + "\": ...}'."
+    )
+
+
+def _is_size(value: Any) -> bool:
+    if _is_int(value):
+        return bool(value >= 64)
+    return isinstance(value, (list, tuple)) and bool(value) and all(_is_int(v) for v in value) and max(value) >= 64
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "…"
 
 
 # -- config handling --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch.overrides import TorchFunctionMode
 
+from magsdk.conventions import LATENT_ARGUMENT_NAMES, TIMESTEP_ARGUMENT_NAMES, TIMESTEP_NAME_HINTS
 from magsdk.errors import UsageError
 from magsdk.patching import Patches
 
@@ -42,10 +43,9 @@ _METADATA_FUNCTIONS = frozenset(
      "nelement", "is_floating_point", "get_device", "is_complex", "storage_offset"}
 )
 
-#: Transformer ``forward`` parameters that usually hold the noisy latents, most likely first.
-LATENT_NAMES = ("hidden_states", "x", "latents", "latent", "sample", "img", "hidden", "z", "x_t", "noisy_latents")
-#: Transformer ``forward`` parameters that usually hold the timestep / noise level.
-TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time_step", "noise_level")
+#: Transformer ``forward`` parameters that usually hold the noisy latents / the timestep (``magsdk.conventions``).
+LATENT_NAMES = LATENT_ARGUMENT_NAMES
+TIMESTEP_NAMES = TIMESTEP_ARGUMENT_NAMES
 
 
 # -- finding block containers -----------------------------------------------------------------------
@@ -70,8 +70,15 @@ def find_block_containers(model: torch.nn.Module) -> list[BlockContainer]:
     """Every list of repeated blocks, under any attribute name and at any depth.
 
     Only the outermost list counts (lists inside a block belong to that block); members must
-    share one class that is not a plain torch layer and that has parameters.
+    share one class that is not a plain torch layer. Lists of blocks with parameters are what
+    real transformers have, and lists of parameter-free helpers (activations, reshapes) beside
+    them are not blocks; so parameter-free lists are taken only when the model has no list of
+    blocks with parameters at all (toy models whose blocks compute ``hidden_states * 2``).
     """
+    return _block_lists(model, parametrised=True) or _block_lists(model, parametrised=False)
+
+
+def _block_lists(model: torch.nn.Module, *, parametrised: bool) -> list[BlockContainer]:
     found: list[BlockContainer] = []
     for path, module in model.named_modules():
         if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) == 0:
@@ -83,7 +90,7 @@ def find_block_containers(model: torch.nn.Module) -> list[BlockContainer]:
         if len(members) != len(module) or len(classes) != 1:
             continue
         cls = next(iter(classes))
-        if _is_torch_builtin(cls) or not any(True for _ in members[0].parameters()):
+        if _is_torch_builtin(cls) or parametrised != any(True for _ in members[0].parameters()):
             continue
         found.append(BlockContainer(path=path, blocks=members, block_class=cls.__name__))
     return found
@@ -523,12 +530,13 @@ def _direct_link(value: torch.Tensor, candidates: list[tuple[Source, torch.Tenso
             how: Literal["same", "inplace"] = "same" if tensor._version == version else "inplace"
             return Link((dataclasses.replace(source, how=how),))
     for source, tensor, _ in candidates:
-        if _equal(tensor, value):
+        if same_values(tensor, value):
             return Link((dataclasses.replace(source, how="equal"),))
     return None
 
 
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype, device and values (another tensor object may carry the same state)."""
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
@@ -634,7 +642,8 @@ def describe_inputs(
     timestep = next((n for n in TIMESTEP_NAMES if n in values and values[n] is not None), None)
     if timestep is None:
         timestep = next(
-            (n for n, v in values.items() if ("time" in n or "sigma" in n) and isinstance(v, (torch.Tensor, float))),
+            (n for n, v in values.items()
+             if any(h in n for h in TIMESTEP_NAME_HINTS) and isinstance(v, (torch.Tensor, float))),
             None,
         )
     return values, forms, latent, timestep

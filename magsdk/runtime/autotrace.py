@@ -21,7 +21,7 @@ import torch
 
 from magsdk.config import InspectionReport
 from magsdk.errors import BlockLayoutError
-from magsdk.inspect.infer import infer_metadata, summary
+from magsdk.inspect.infer import ambiguity_error, infer_metadata, summary
 from magsdk.inspect.trace import BlockCall, Trace, find_block_containers, make_trace, tracing
 from magsdk.patching import Patches
 from magsdk.registry import InferredReportRegistry
@@ -100,6 +100,8 @@ class FirstCall:
             output = original(*args, **kwargs)
         trace = make_trace(transformer, containers, tracer.calls, args, kwargs, output)
         report = infer_metadata(trace).model_copy(update={"inputs": "user"})
+        if report.ambiguous:  # never cache with guessed conventions (docs/inspect.md, "Ambiguous traces")
+            raise BlockLayoutError(ambiguity_error(report))
         name = type(transformer).__name__
         InferredReportRegistry.register(type(transformer), report)
         logger.info("magsdk: %s has no strategy; conventions inferred from its first call: %s (head %s, tail %s)",
