@@ -526,7 +526,7 @@ def sd3_inputs(t: float = 500.0) -> dict[str, Any]:
 
 
 def test_sd3_last_block_returning_none_for_the_encoder():
-    """Trap 9: the last JointTransformerBlock (context_pre_only) returns (None, hidden)."""
+    """docs/design.md trap 9: the last JointTransformerBlock (context_pre_only) returns (None, hidden)."""
     model = tiny_sd3()
     report = inspect_module(model, (), sd3_inputs())
     assert report.block_groups[0].metadata == BlockMetadata(

@@ -111,6 +111,9 @@ def test_the_runtime_refuses_to_cache_an_ambiguous_trace_and_its_hints_work() ->
     with pytest.raises(BlockLayoutError):  # nothing was remembered: the next call refuses again
         model(*args, **kwargs)
     handle.disable()
+    with pytest.raises(BlockLayoutError, match="will not cache with guessed conventions"):
+        magsdk.enable(model, SKIP, metadata=inspect_module(model, args, kwargs))  # an ambiguous report, given
+    assert "forward" not in model.__dict__
 
     # hint 1: inspect with inputs whose token counts differ, and pass that report
     report = inspect_module(model, *distinct_tokens())

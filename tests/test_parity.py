@@ -1,4 +1,4 @@
-"""Parity with diffusers 0.42.1's apply_mag_cache: same computed steps, same latents (DESIGN.md §1)."""
+"""Parity with diffusers 0.42.1's apply_mag_cache: same computed steps, same latents (docs/design.md, section 1)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_step_count_comes_from_the_scheduler_when_not_configured(flux):
 
 
 def test_cfg_two_unnamed_passes_equal_diffusers_with_named_contexts(flux):
-    """Trap 1: two passes per step with no context names are two branches, not two steps."""
+    """docs/design.md trap 1: two passes per step with no context names are two branches, not two steps."""
     settings, steps = (0.24, 5, 0.1), 28
     ours, our_rec, handle = run_magsdk(fresh_copy(flux), FLUX_RATIOS, settings, steps, cfg=True)
     theirs, their_rec = run_diffusers(fresh_copy(flux), FLUX_RATIOS, settings, steps, cfg=True, named_contexts=True)
@@ -90,7 +90,7 @@ def test_cfg_named_contexts_use_the_names(flux):
 
 
 def reference_magcache(model, ratios, settings, steps):
-    """DESIGN.md §1 written out directly: the block stack runs or is replaced by x_in + residual."""
+    """docs/design.md section 1 written out directly: the block stack runs or is replaced by x_in + residual."""
     from magsdk.ratios import resample_nearest
 
     threshold, k, retention = settings

@@ -1,4 +1,4 @@
-"""Runtime behaviour beyond parity: traps 2-7 of DESIGN.md §2, handles, stats, calibration, errors."""
+"""Runtime behaviour beyond parity: traps 2-7 of docs/design.md, handles, stats, calibration, errors."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_enable_with_registered_strategy_and_no_config(flux):
 
 
 def test_single_block_model_skips_and_is_repeatable():
-    """Trap 3: one block plays head and tail; two generations in a row give identical outputs."""
+    """docs/design.md trap 3: one block plays head and tail; two generations in a row give identical outputs."""
     model = tiny_flux(layers=1, single_layers=0)
     plain = denoise(fresh_copy(model), 28)
     handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
@@ -72,7 +72,7 @@ def test_skipped_step_runs_no_block_and_adds_residual_once(flux):
 
 
 def test_generation_that_raises_does_not_affect_the_next(flux):
-    """Trap 5: state does not survive an exception or an early stop."""
+    """docs/design.md trap 5: state does not survive an exception or an early stop."""
     model = fresh_copy(flux)
     magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
     clean = denoise(model, 28)
@@ -137,7 +137,7 @@ def test_per_branch_curves_are_used(flux):
 
 
 def test_two_transformers_share_one_schedule(flux):
-    """Trap 7 (Wan 2.2): the second transformer joins mid-schedule and must know the global step."""
+    """docs/design.md trap 7 (Wan 2.2): the second transformer joins mid-schedule and must know the global step."""
     high, low = fresh_copy(flux), fresh_copy(flux)
     scheduler = FlowMatchEulerDiscreteScheduler()
     pipe = types.SimpleNamespace(transformer=high, transformer_2=low, scheduler=scheduler)
@@ -232,7 +232,7 @@ def test_bad_settings_name_the_field(field, value):
 
 
 def test_block_output_that_does_not_match_metadata_is_an_error(flux):
-    """Trap 4: never return the input unchanged while reporting success."""
+    """docs/design.md trap 4: never return the input unchanged while reporting success."""
     wrong = {
         "FluxTransformerBlock": magsdk.BlockMetadata(encoder_hidden_states_argument_name="encoder_hidden_states",
                                                      return_hidden_states_index=1,

@@ -374,6 +374,10 @@ def _new_session(
 ) -> CacheSession:
     paths: tuple[str, ...] = strategy.block_groups
     if isinstance(metadata, InspectionReport):
+        if metadata.ambiguous:  # never cache with guessed conventions
+            from magsdk.inspect.infer import ambiguity_error
+
+            raise BlockLayoutError(ambiguity_error(metadata))
         paths = tuple(group.path for group in metadata.block_groups)
     blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
     auto = None

@@ -32,7 +32,7 @@ class AutoCalibration:
         self.transformer = transformer
         self.scheduler = scheduler
         self.config = config
-        self.known: dict[curve_store.CurveKey, CalibrationResult] = {}
+        self.known: dict[str, CalibrationResult] = {}  # by key id (keys hold dicts: not hashable)
 
     def key(self, num_steps: int | None, image_tokens: int | None) -> curve_store.CurveKey:
         if num_steps is None:
@@ -46,12 +46,12 @@ class AutoCalibration:
         )
 
     def find(self, key: curve_store.CurveKey) -> CurveSource | None:
-        result = self.known.get(key)
+        result = self.known.get(key.id())
         if result is None:
             result = curve_store.find(key)
             if result is not None:
                 logger.info("magsdk: using the cached curve %s", curve_store.path_for(key))
-                self.known[key] = result
+                self.known[key.id()] = result
         if result is None:
             return None
         config = self.config.model_copy(update={"mag_ratios": result.curves(), "timesteps": result.argument_timesteps(),
@@ -61,7 +61,7 @@ class AutoCalibration:
         return source
 
     def save(self, key: curve_store.CurveKey, result: CalibrationResult) -> None:
-        self.known[key] = result
+        self.known[key.id()] = result
         cls = type(self.transformer)
         path = curve_store.save(
             key, result, source="magsdk.enable(auto_calibrate=True)", transformer_module=cls.__module__,

@@ -240,6 +240,8 @@ class CacheSession:
                 self._store(call, head_in, head_out, tail_out)
                 if self._auto_pending:
                     self._auto_decide(call.position)
+                elif self.auto is not None and self.calibrating:
+                    self._auto_last_step(call.position)
         finally:
             self.stack.leave()
         position = call.position
@@ -343,29 +345,44 @@ class CacheSession:
                 run[name] = state.recorder.finish(self.sequence_reducer)
             state.recorder = None  # recorded once, even if reset and a new generation both close it
         if run:
-            self.calibration_runs.append(run)
             if self._generation_schedule is not None:
                 self.calibrated_schedule = self._generation_schedule
-            if self.auto is not None and self.calibrating:
-                self._auto_save()
+            if self.auto is not None:
+                self._auto_save(run)
+            else:
+                self.calibration_runs.append(run)
 
-    def _auto_save(self) -> None:
-        """A generation measured under auto-calibration: keep its curve if it ran to its last step."""
+    def _auto_save(self, run: dict[str, BranchRunRecord]) -> None:
+        """A generation measured under auto-calibration: keep its curve if it reached its last step.
+
+        Called after each branch's last step (a process may end right after its one generation) and
+        at the generation's end; the file is rewritten with every branch seen so far.
+        """
         assert self.auto is not None
-        runs, self.calibration_runs = self.calibration_runs, []
         key = self._auto_key
-        if key is None or not runs:
+        if key is None or not self.calibrating:
             return
-        if any(len(record.norm_ratios) != key.num_steps for record in runs[-1].values()):
+        complete = {name: record for name, record in run.items() if len(record.norm_ratios) == key.num_steps}
+        if not complete:
             logger.info("magsdk: the generation stopped before its last step; its curve is not kept")
             return
-        result = CalibrationResult(branches=merge_runs(runs[-1:]), transformer=type(self.transformer).__name__)
-        if self.calibrated_schedule and self.auto.scheduler is not None:
+        result = CalibrationResult(branches=merge_runs([complete]), transformer=type(self.transformer).__name__)
+        if self._generation_schedule and self.auto.scheduler is not None:
             result.scheduler = type(self.auto.scheduler).__name__
             result.schedule = schedule_info(
-                self.calibrated_schedule, self.auto.scheduler, self.set_timesteps_kwargs, self.image_tokens
+                self._generation_schedule, self.auto.scheduler, self.set_timesteps_kwargs, self.image_tokens
             )
         self.auto.save(key, result)
+
+    def _auto_last_step(self, position: CallPosition) -> None:
+        if position.num_steps is None or position.step != position.num_steps - 1:
+            return
+        run = {
+            name: state.recorder.finish(self.sequence_reducer)
+            for name, state in self.branches.items()
+            if state.recorder is not None and state.recorder.sums
+        }
+        self._auto_save(run)
 
     def calibration_result(self) -> CalibrationResult:
         """Mean curve per branch over the generations seen, with the spread across them."""
