@@ -1,9 +1,10 @@
-"""``magsdk plan`` and ``magsdk list``: the skip schedule before anything runs, and the strategies."""
+"""``magsdk plan``: the skip schedule and the ideal speedup before anything runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -13,18 +14,17 @@ from magsdk.commands import make_console
 from magsdk.config import MagCacheConfig
 from magsdk.errors import UsageError
 from magsdk.ratios import plan as make_plan
-from magsdk.registry import StrategyRegistry
 from magsdk.strategy import MagCacheStrategy
+from magsdk.variants import resolve_name
 
 
 def _load_curves(strategy: str | None, ratios: str | None, steps: int) -> tuple[dict[str, list[float]], str]:
     if (strategy is None) == (ratios is None):
         raise UsageError("give exactly one of --strategy NAME or --ratios FILE.json (or a comma-separated list)")
     if strategy is not None:
-        cls = _strategy_by_name(strategy)
-        config = cls.default_config(steps)
+        config, label = _strategy_config(strategy, steps)
         assert config.mag_ratios is not None
-        return config.mag_ratios, cls.__name__
+        return config.mag_ratios, label
     assert ratios is not None
     path = Path(ratios)
     if path.exists():
@@ -51,13 +51,11 @@ def _validated(data: object) -> dict[str, list[float]]:
     return curves
 
 
-def _strategy_by_name(name: str) -> type[MagCacheStrategy]:
-    strategies = StrategyRegistry.all()
-    for key, cls in strategies.items():
-        if name in (key, cls.__name__, cls.__module__, cls.__module__.rsplit(".", 1)[-1]):
-            return cls
-    known = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]} ({k})" for k, c in sorted(strategies.items()))
-    raise UsageError(f"unknown strategy {name!r}; known: {known or 'none'}. `magsdk list` shows them.")
+def _strategy_config(name: str, steps: int) -> tuple[MagCacheConfig, str]:
+    """The default config of a strategy or variant name (``flux``, ``wan2.1-t2v-14b``...) and its label."""
+    cls, variant = resolve_name(name)
+    config = cls.default_config(steps, variant=variant)
+    return config, cls.__name__ if variant is None else f"{cls.__name__} {variant.name}"
 
 
 def plan_command(
@@ -73,7 +71,7 @@ def plan_command(
     if steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     curves, source = _load_curves(strategy, ratios, steps)
-    defaults = _strategy_by_name(strategy) if strategy else MagCacheStrategy
+    defaults: Any = _strategy_config(strategy, steps)[0] if strategy else MagCacheStrategy
     settings = {
         "threshold": defaults.threshold if threshold is None else threshold,
         "max_skip_steps": defaults.max_skip_steps if max_skip_steps is None else max_skip_steps,
@@ -98,18 +96,5 @@ def plan_command(
     make_console().print(table)
 
 
-def list_command() -> None:
-    """List the registered strategies (every module in strategies/)."""
-    table = Table(title="magsdk strategies")
-    for column in ("module", "transformer class", "block classes", "calibrations", "defaults (thr/K/ret)"):
-        table.add_column(column)
-    for name, cls in sorted(StrategyRegistry.all().items()):
-        cal = ", ".join(f"{e.num_steps} steps [{'/'.join(e.branches)}]" for e in cls.calibrations) or "none"
-        table.add_row(cls.__module__, name, ", ".join(cls.block_metadata), cal,
-                      f"{cls.threshold}/{cls.max_skip_steps}/{cls.retention_ratio}")
-    make_console().print(table)
-
-
 def register(app: typer.Typer) -> None:
     app.command("plan")(plan_command)
-    app.command("list")(list_command)

@@ -157,17 +157,26 @@ def _transformers_of(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], An
 
 
 def _resolve_strategy(
-    transformer: torch.nn.Module, strategy: StrategySource | None, metadata: MetadataSource | None
+    transformer: torch.nn.Module,
+    strategy: StrategySource | None,
+    metadata: MetadataSource | None,
+    pipeline: Any = None,
 ) -> MagCacheStrategy:
+    # The instance recognises its variant (which published model this is) from the pipeline when it
+    # needs a curve; `strategy="wan2.1-t2v-14b"` names the variant itself (magsdk/variants.py).
+    target = transformer if pipeline is None else pipeline
     if isinstance(strategy, MagCacheStrategy):
         return strategy
     if isinstance(strategy, type) and issubclass(strategy, MagCacheStrategy):
-        return strategy()
+        return strategy.for_target(target)
     if isinstance(strategy, str):
-        return StrategyRegistry.require(strategy)()
+        from magsdk.variants import resolve_name
+
+        cls, variant = resolve_name(strategy)
+        return cls.for_target(target, variant)
     registered = StrategyRegistry.get(type(transformer).__name__)
     if registered is not None:
-        return registered()
+        return registered.for_target(target)
     if metadata is not None:
         return MagCacheStrategy()
     return StrategyRegistry.require(type(transformer).__name__)()
@@ -268,7 +277,7 @@ def _attach(
                     )
                     autotrace.trace_first_call(transformer, factory, sessions, restore, _ABSENT)
                     continue
-            strategy = _resolve_strategy(transformer, strategy_source, meta)
+            strategy = _resolve_strategy(transformer, strategy_source, meta, pipeline=target)
             session = _new_session(transformer, name, strategy, config, meta, stats=stats, scheduler=scheduler)
             resolved_config = session.config
             sessions.append(session)
@@ -301,8 +310,8 @@ def _new_session(
     scheduler: Any,
 ) -> CacheSession:
     if config is None:
-        resolved_config = strategy.default_config()
-        tables = [(e.num_steps, e.branches) for e in strategy.calibrations]
+        resolved_config = strategy.run_config()
+        tables = [(e.num_steps, e.branches) for e in strategy.calibration_entries()]
     else:
         resolved_config = config
         tables = _tables_of(config)
