@@ -135,6 +135,16 @@ def test_enable_recognises_the_variant_and_skips(expected: str, build: Callable[
             assert stats.computed_steps(branch) == handle.plan(steps, branch).computed_steps
 
 
+@pytest.mark.parametrize(("expected", "kwargs"), [
+    ("wan2.2-t2v-a14b", {"boundary_ratio": 0.875}),
+    ("wan2.2-i2v-a14b", {"boundary_ratio": 0.9, "image_to_video": True, "in_channels": 36}),
+])
+def test_two_expert_wan22_pipelines_are_recognised_without_a_name(expected: str, kwargs: dict[str, Any]) -> None:
+    """The pipeline's boundary_ratio (and image_dim None for I2V) tells Wan2.2 A14B from Wan2.1 14B."""
+    pipe, _ = lm.wan(None, two_transformers=True, **kwargs)
+    assert select_variant(strategy_of("wan"), pipe).name == expected
+
+
 @pytest.mark.skip(reason="two-transformer curves: runtime change pending (lead)")
 def test_wan22_a14b_caches_both_transformers_with_their_own_curves() -> None:
     pipe, call = lm.wan("Wan-AI/Wan2.2-T2V-A14B-Diffusers", two_transformers=True, boundary_ratio=0.875)
