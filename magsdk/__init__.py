@@ -13,12 +13,21 @@ from magsdk.config import (
     CalibrationResult,
     InspectionReport,
     MagCacheConfig,
+    StrategyVariant,
 )
 from magsdk.errors import BlockLayoutError, MagSDKError, StrategyNotFoundError, UsageError
+from magsdk.export import (
+    CacheDitExport,
+    DiffusersRegistration,
+    register_with_diffusers,
+    to_cache_dit,
+    to_diffusers_config,
+)
 from magsdk.ratios import SkipPlan, plan, resample_by_timesteps, resample_nearest
 from magsdk.registry import StrategyRegistry, TransformerBlockRegistry, discover_strategies
 from magsdk.runtime import CacheStats, CalibrationHandle, MagCacheHandle, calibrate, enable
-from magsdk.strategy import MagCacheStrategy, load_calibrations
+from magsdk.strategy import MagCacheStrategy, load_calibrations, load_variants
+from magsdk.variants import VariantSelectionError, select_variant
 
 __version__ = "0.1.0"
 
@@ -27,10 +36,12 @@ __all__ = [
     "BlockLayoutError",
     "BlockMetadata",
     "BranchCalibration",
+    "CacheDitExport",
     "CacheStats",
     "CalibrationEntry",
     "CalibrationHandle",
     "CalibrationResult",
+    "DiffusersRegistration",
     "InspectionReport",
     "MagCacheConfig",
     "MagCacheHandle",
@@ -39,13 +50,20 @@ __all__ = [
     "SkipPlan",
     "StrategyNotFoundError",
     "StrategyRegistry",
+    "StrategyVariant",
     "TransformerBlockRegistry",
     "UsageError",
+    "VariantSelectionError",
     "calibrate",
     "discover_strategies",
     "enable",
     "load_calibrations",
+    "load_variants",
     "plan",
+    "register_with_diffusers",
     "resample_by_timesteps",
     "resample_nearest",
+    "select_variant",
+    "to_cache_dit",
+    "to_diffusers_config",
 ]

@@ -37,9 +37,9 @@ def _root(
 
 def _register_commands() -> None:
     # One import per command module; each defines `register(app)`.
-    from magsdk.commands import demo, inspect, plan, scaffold
+    from magsdk.commands import demo, export, inspect, listing, plan, scaffold
 
-    for module in (demo, inspect, plan, scaffold):
+    for module in (demo, inspect, plan, listing, export, scaffold):
         module.register(app)
 
 

@@ -404,3 +404,61 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+#: A variant name: lower-case letters, digits, dots and dashes (``wan2.1-t2v-14b``), unique across strategies.
+VARIANT_NAME_PATTERN = r"^[a-z0-9][a-z0-9.\-]*$"
+
+
+class StrategyVariant(BaseModel):
+    """One model served by a strategy: its published curves, its settings and how a pipeline is recognised.
+
+    Several models share one transformer class (FLUX.1-dev and FLUX.1-Kontext on
+    ``FluxTransformer2DModel``; four Wan2.1 and three Wan2.2 models on ``WanTransformer3DModel``), so
+    the class alone cannot pick a curve. Each rule is evidence for or against this variant: the
+    pipeline's class name, values of the transformer's (or the pipeline's) config, and substrings of
+    the folder or hub id the model was loaded from. ``magsdk.variants.select_variant`` weighs them.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=VARIANT_NAME_PATTERN)
+    #: The model as its authors name it (``Wan2.1-T2V-14B``).
+    model: str
+    #: Chosen when nothing observed tells this strategy's variants apart (a bare transformer).
+    default: bool = False
+    #: Pipeline class names this model runs in.
+    pipelines: list[str] = Field(default_factory=list)
+    #: Transformer config values of this model (``num_layers``, ``in_channels``...); None means absent or None.
+    config: dict[str, Any] = Field(default_factory=dict)
+    #: Pipeline config values of this model (``boundary_ratio`` of Wan2.2's two-expert pipelines...).
+    pipeline_config: dict[str, Any] = Field(default_factory=dict)
+    #: Case-insensitive substrings of the folder or hub id the pipeline or transformer was loaded from.
+    name_or_path: list[str] = Field(default_factory=list)
+    threshold: float = Field(0.06, ge=0)
+    max_skip_steps: int = Field(3, ge=0)
+    retention_ratio: float = Field(0.2, ge=0, lt=1)
+    #: Where the settings come from.
+    settings_source: str = ""
+    notes: str = ""
+    calibrations: list[CalibrationEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_step_counts(self) -> StrategyVariant:
+        steps = [entry.num_steps for entry in self.calibrations]
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"variant {self.name!r} has two calibrations with the same step count: {steps}")
+        return self
+
+    def recognition(self) -> list[str]:
+        """How this variant is recognised, one rule a line (for errors and ``magsdk list``)."""
+        rules: list[str] = []
+        if self.pipelines:
+            rules.append("pipeline " + " | ".join(self.pipelines))
+        for key, value in {**self.config, **{f"pipeline.{k}": v for k, v in self.pipeline_config.items()}}.items():
+            rules.append(f"{key}={value!r}")
+        if self.name_or_path:
+            rules.append("path contains " + " | ".join(repr(s) for s in self.name_or_path))
+        if self.default:
+            rules.append("default when nothing tells the variants apart")
+        return rules or ["only by name (strategy=" + repr(self.name) + ")"]

@@ -151,7 +151,9 @@ def plan(
 
     ``mag_ratios`` takes every form ``MagCacheConfig.mag_ratios`` takes (``None``: the config's).
     ``timesteps`` are the run's timesteps in the units the calibration recorded (the scheduler's
-    when it has a schedule); given, the curve is mapped through them as the runtime would.
+    when it has a schedule); given, the curve is mapped through them as the runtime would. Left out
+    for a calibration that recorded its schedule, the recorded scheduler is rebuilt at ``num_steps``
+    (``magsdk.schedules``): the plan of a pipeline that uses that scheduler.
     """
     if isinstance(mag_ratios, MagCacheConfig):
         config, mag_ratios = mag_ratios, None
@@ -179,6 +181,12 @@ def plan_source(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if timesteps is not None and len(timesteps) != num_steps:
         raise ValueError(f"{len(timesteps)} timesteps given for a {num_steps}-step run")
+    if timesteps is None and source.uses_schedules():
+        # no run to ask: rebuild the recorded scheduler at this step count (what a pipeline with it would set)
+        from magsdk.schedules import timesteps_for
+
+        recorded = source.table_for(num_steps).schedule
+        timesteps = timesteps_for(recorded, num_steps) if recorded is not None else None
     mapped = source.curve_for(branch, position, RunSchedule.of(num_steps, timesteps), module)
     if mapped.values is None and timesteps is not None:
         # the calibration has timesteps of the transformer's argument only: simulate the online mapping

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from magsdk.config import BlockMetadata, CalibrationEntry, MagCacheConfig
-from magsdk.errors import BlockLayoutError
+from magsdk.config import BlockMetadata, CalibrationEntry, MagCacheConfig, StrategyVariant
+from magsdk.errors import BlockLayoutError, UsageError
 from magsdk.ratios import select_calibration
 from magsdk.registry import StrategyRegistry
 
@@ -21,6 +21,11 @@ from magsdk.registry import StrategyRegistry
 def load_calibrations(raw: Sequence[Mapping[str, Any]]) -> list[CalibrationEntry]:
     """Validate the calibration literal of a strategy module (the part codegen rewrites)."""
     return [CalibrationEntry.model_validate(dict(entry)) for entry in raw]
+
+
+def load_variants(raw: Sequence[Mapping[str, Any]]) -> list[StrategyVariant]:
+    """Validate the ``VARIANTS`` literal of a strategy module (published models, their curves and rules)."""
+    return [StrategyVariant.model_validate(dict(entry)) for entry in raw]
 
 
 class MagCacheStrategy:
@@ -37,27 +42,95 @@ class MagCacheStrategy:
     retention_ratio: ClassVar[float] = 0.2
     #: Calibrated curves, several step counts and branches allowed.
     calibrations: ClassVar[list[CalibrationEntry]] = []
+    #: Published models served by this strategy, each with its own curves and settings. A strategy's
+    #: own ``calibrations`` (``magsdk calibrate``) win over its variants unless a variant is asked for.
+    variants: ClassVar[list[StrategyVariant]] = []
+
+    #: The variant this instance runs with (None: not chosen yet, or the class's own calibrations).
+    variant: StrategyVariant | None = None
+    #: The pipeline or transformer the variant is recognised from (``for_target``).
+    target: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.transformer_cls_name:
             StrategyRegistry.register(cls)
 
+    # -- variants -------------------------------------------------------------------------------
+    @classmethod
+    def for_target(cls, target: Any, variant: str | StrategyVariant | None = None) -> MagCacheStrategy:
+        """An instance that recognises its variant from ``target`` (a pipeline or transformer) when needed."""
+        instance = cls()
+        instance.target = target
+        if variant is not None:
+            instance.variant = cls.variant_named(variant)
+        return instance
+
+    @classmethod
+    def variant_named(cls, name: str | StrategyVariant) -> StrategyVariant:
+        if isinstance(name, StrategyVariant):
+            return name
+        for variant in cls.variants:
+            if variant.name == name:
+                return variant
+        known = ", ".join(v.name for v in cls.variants) or "(none)"
+        raise UsageError(
+            f"{cls.__name__} has no variant {name!r}; its variants are: {known}. `magsdk list` shows them "
+            "with how each is recognised."
+        )
+
+    def resolved_variant(self) -> StrategyVariant | None:
+        """The variant this instance runs with; recognised from ``target`` on first use.
+
+        None when the strategy has no variants or carries calibrations of its own (they win unless a
+        variant was asked for by name).
+        """
+        if self.variant is None and self.variants and not self.calibrations:
+            from magsdk.variants import select_variant  # variants.py imports this module
+
+            self.variant = select_variant(type(self), self.target)
+        return self.variant
+
+    def calibration_entries(self) -> list[CalibrationEntry]:
+        """The calibrations a run of this instance follows: its variant's, else the class's own."""
+        variant = self.resolved_variant()
+        return list(variant.calibrations if variant is not None else self.calibrations)
+
+    def run_config(self, num_steps: int | None = None, **overrides: Any) -> MagCacheConfig:
+        """``default_config`` for this instance's variant."""
+        return type(self).default_config(num_steps, variant=self.resolved_variant(), **overrides)
+
     # -- settings -------------------------------------------------------------------------------
     @classmethod
-    def default_config(cls, num_steps: int | None = None, **overrides: Any) -> MagCacheConfig:
-        """A config holding the calibration closest to ``num_steps`` and the default settings."""
-        if not cls.calibrations:
+    def default_config(
+        cls, num_steps: int | None = None, *, variant: str | StrategyVariant | None = None, **overrides: Any
+    ) -> MagCacheConfig:
+        """A config holding the calibration closest to ``num_steps`` and the default settings.
+
+        With ``variant`` (a name or object), that variant's curves and settings. Without, the class's
+        own calibrations; a strategy that has none but has variants uses the one that needs no
+        recognising (its only variant, or its default) and otherwise says which to choose.
+        """
+        chosen = cls.variant_named(variant) if variant is not None else None
+        if chosen is None and not cls.calibrations and cls.variants:
+            from magsdk.variants import select_variant  # variants.py imports this module
+
+            chosen = select_variant(cls, None)
+        entries = chosen.calibrations if chosen is not None else cls.calibrations
+        if not entries:
             raise BlockLayoutError(
                 f"strategy {cls.__name__} has no calibration yet; run "
                 f"`magsdk calibrate <file> --model <model> --steps N` or pass mag_ratios explicitly"
             )
-        entry = select_calibration(cls.calibrations, num_steps)
+        entry = select_calibration(entries, num_steps)
+        stamps = entry.timesteps if entry.timesteps and None not in entry.timesteps else None
         values: dict[str, Any] = {
             "mag_ratios": entry.branches,
-            "threshold": cls.threshold,
-            "max_skip_steps": cls.max_skip_steps,
-            "retention_ratio": cls.retention_ratio,
+            "timesteps": stamps,
+            "schedule": entry.schedule,
+            "threshold": cls.threshold if chosen is None else chosen.threshold,
+            "max_skip_steps": cls.max_skip_steps if chosen is None else chosen.max_skip_steps,
+            "retention_ratio": cls.retention_ratio if chosen is None else chosen.retention_ratio,
         }
         values.update(overrides)
         return MagCacheConfig(**values)

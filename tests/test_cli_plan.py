@@ -10,9 +10,14 @@ from magsdk.cli import main
 
 
 def test_plan_prints_schedule_and_speedup(capsys):
-    assert main(["plan", "--strategy", "flux", "--steps", "28"]) == 0
+    assert main(["plan", "--strategy", "flux", "--steps", "28", "--threshold", "0.06", "-k", "3",
+                 "--retention-ratio", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "2.00x" in out and "CCCCCC.C.C...C...C...C..C.CC" in out
+    # Without overrides the settings are the default variant's (flux.1-dev: the MagCache repo's 0.24/5/0.1).
+    assert main(["plan", "--strategy", "flux", "--steps", "28"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold=0.24, K=5, retention=0.1" in out and "3.50x" in out
 
 
 def test_plan_json_and_overrides(capsys):

@@ -143,13 +143,15 @@ def test_patch_replaces_one_entry_and_keeps_every_other_byte() -> None:
     source = (ROOT / "strategies" / "flux.py").read_text()
     edited = source.replace("class FluxStrategy", "# my own note\nclass FluxStrategy").replace(
         "threshold = 0.06", "threshold = 0.1  # tuned by hand")
-    with_4 = upsert_calibration(edited, entry(4))
+    with_28 = upsert_calibration(edited, entry(28))  # the bundled module's own CALIBRATIONS start empty
+    with_4 = upsert_calibration(with_28, entry(4))
     with_50 = upsert_calibration(with_4, entry(50))
     assert strip_calibrations(with_50) == strip_calibrations(edited)
     assert "# my own note" in with_50 and "threshold = 0.1  # tuned by hand" in with_50
     assert [e["num_steps"] for e in read_calibrations(with_50)] == [4, 28, 50]
-    published = source[source.index('    {\n        "num_steps": 28'):source.index("\n]\n")]
-    assert published in with_50  # the published 28-step entry is untouched, byte for byte
+    start = source.index("VARIANTS: list")
+    published = source[start:source.index("\n]\n", start)]
+    assert published in with_50  # the published curves (VARIANTS) are untouched, byte for byte
     refreshed = upsert_calibration(with_50, entry(4, value=1.2))
     assert read_calibrations(refreshed)[0]["branches"]["cond"][1] == 1.2
     assert refreshed.replace("1.2,", "1.01,") == with_50

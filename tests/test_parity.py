@@ -9,11 +9,11 @@ from diffusers.hooks import apply_mag_cache
 from tiny_models import ComputeRecorder, denoise, fresh_copy, tiny_flux, tiny_flux2
 
 import magsdk
-from strategies.flux import CALIBRATIONS as FLUX_CALIBRATIONS
-from strategies.flux2_klein import CALIBRATIONS as FLUX2_CALIBRATIONS
+from strategies.flux import VARIANTS as FLUX_VARIANTS
+from strategies.flux2_klein import VARIANTS as FLUX2_VARIANTS
 
-FLUX_RATIOS = FLUX_CALIBRATIONS[0]["branches"]["default"]
-FLUX2_RATIOS = FLUX2_CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS = FLUX_VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
+FLUX2_RATIOS = FLUX2_VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.2-klein-4b
 SETTINGS = [(0.06, 3, 0.2), (0.24, 5, 0.1)]
 
 

@@ -9,9 +9,9 @@ from diffusers.hooks.mag_cache import nearest_interp
 import magsdk
 from magsdk.ratios import resample_by_timesteps, resample_nearest, select_calibration
 from magsdk.runtime.steps import StepTracker
-from strategies.flux import CALIBRATIONS, FluxStrategy
+from strategies.flux import VARIANTS, FluxStrategy
 
-FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 14, 20, 27, 28, 29, 50, 100])

@@ -11,9 +11,9 @@ from tiny_models import ComputeRecorder, denoise, flux_inputs, fresh_copy, tiny_
 
 import magsdk
 from magsdk.errors import BlockLayoutError, StrategyNotFoundError
-from strategies.flux import CALIBRATIONS
+from strategies.flux import VARIANTS
 
-FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
 FAST = dict(threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
 
 

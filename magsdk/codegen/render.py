@@ -21,7 +21,8 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field
 
 from magsdk.codegen.literal import format_calibrations, py_value
-from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport, NoteCode
+from magsdk.codegen.variant_literal import format_variants
+from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport, NoteCode, StrategyVariant
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.strategy import MagCacheStrategy
 
@@ -66,6 +67,8 @@ class StrategySpec(BaseModel):
     calibrations: list[CalibrationEntry] = Field(default_factory=list)
     #: Inspection warnings about layouts the runtime cannot handle (renders a compute_residual stub).
     unsupported_layouts: list[str] = Field(default_factory=list)
+    #: Published models the strategy serves (the bundled library; scaffold renders none).
+    variants: list[StrategyVariant] = Field(default_factory=list)
 
 
 # -- names ------------------------------------------------------------------------------------------
@@ -303,6 +306,7 @@ def render_strategy(spec: StrategySpec) -> str:
         "calibrations_literal": format_calibrations(spec.calibrations),
         "residual_stub": _stub_lines(spec.unsupported_layouts),
         "stub_message": _stub_message(spec) if spec.unsupported_layouts else [],
+        "variants_literal": format_variants(spec.variants) if spec.variants else "",
     }
     return render_template(STRATEGY_TEMPLATE, context)
 
@@ -342,4 +346,5 @@ def spec_from_strategy(
         max_skip_steps=strategy.max_skip_steps,
         retention_ratio=strategy.retention_ratio,
         calibrations=list(strategy.calibrations),
+        variants=list(strategy.variants),
     )

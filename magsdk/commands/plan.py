@@ -14,26 +14,28 @@ from magsdk.config import CalibrationResult, MagCacheConfig
 from magsdk.curves import CurveSource
 from magsdk.errors import UsageError
 from magsdk.ratios import plan_source
-from magsdk.registry import StrategyRegistry
 from magsdk.schedules import timesteps_for
 from magsdk.strategy import MagCacheStrategy
+from magsdk.variants import resolve_name
 from magsdk.workflow.checks import check_cache_settings
 
 
 def _load_curves(
-    strategy: str | None, ratios: str | None, steps: int
-) -> tuple[type[MagCacheStrategy] | CalibrationResult | dict[str, list[float]], str]:
-    """The curve input: a strategy class (all its calibrations), or a config-like value (list, dict, result)."""
+    strategy: str | None, ratios: str | None
+) -> tuple[MagCacheStrategy | CalibrationResult | dict[str, list[float]], str]:
+    """The curve input: a strategy (its variant's calibrations, all of them), or a config-like value."""
     if (strategy is None) == (ratios is None):
         raise UsageError("give exactly one of --strategy NAME or --ratios FILE.json (or a comma-separated list)")
     if strategy is not None:
-        cls = _strategy_by_name(strategy)
-        if not cls.calibrations:
+        cls, variant = resolve_name(strategy)
+        instance = cls.for_target(None, variant)
+        if not instance.calibration_entries():
             raise UsageError(
                 f"strategy {cls.__name__} has no calibration yet; run `magsdk calibrate <its file> --model <model> "
                 "--steps N` first, or pass --ratios"
             )
-        return cls, cls.__name__
+        chosen = instance.resolved_variant()
+        return instance, cls.__name__ if chosen is None else f"{cls.__name__} {chosen.name}"
     assert ratios is not None
     path = Path(ratios)
     if path.exists():
@@ -63,17 +65,11 @@ def _validated(data: object) -> dict[str, list[float]]:
     return curves
 
 
-def _strategy_by_name(name: str) -> type[MagCacheStrategy]:
-    """A transformer class, strategy class or module name, a dotted module, or a strategy file's path."""
-    return StrategyRegistry.resolve(name)
-
-
-
 def plan_command(
     strategy: str | None = typer.Option(
         None, "--strategy", "-s",
-        help="Strategy module name, transformer class, dotted module or path/to/module.py "
-        "(also found in ./strategies/ and $MAGSDK_STRATEGY_PATH).",
+        help="Variant name (e.g. wan2.1-t2v-14b), strategy module name, transformer class, dotted module or "
+        "path/to/module.py (also found in ./strategies/ and $MAGSDK_STRATEGY_PATH).",
     ),
     ratios: str | None = typer.Option(None, "--ratios", help="JSON file (list, dict or calibration) or a,b,c."),
     steps: int = typer.Option(28, "--steps", "-n", help="Number of inference steps of the run."),
@@ -97,20 +93,19 @@ def plan_command(
     check_cache_settings(given)  # before any strategy loads
     if resample not in ("auto", "timesteps", "index"):
         raise UsageError(f"--resample {resample!r}: choose auto, timesteps or index")
-    curves, source = _load_curves(strategy, ratios, steps)
-    defaults: type[MagCacheStrategy] = curves if isinstance(curves, type) else MagCacheStrategy
-    settings = {
-        "threshold": defaults.threshold,
-        "max_skip_steps": defaults.max_skip_steps,
-        "retention_ratio": defaults.retention_ratio,
-        "resample": resample,
-        **given,
-    }
-    if isinstance(curves, type):
-        config = curves.default_config(steps, **settings)
-        curve_source = CurveSource.from_entries(curves.calibrations, config)
+    curves, source = _load_curves(strategy, ratios)
+    if isinstance(curves, MagCacheStrategy):
+        config = curves.run_config(steps, resample=resample, **given)  # the variant's settings, then the flags
+        curve_source = CurveSource.from_entries(curves.calibration_entries(), config)
         branches = list(curve_source.table_for(steps).branches)
     else:
+        settings = {
+            "threshold": MagCacheStrategy.threshold,
+            "max_skip_steps": MagCacheStrategy.max_skip_steps,
+            "retention_ratio": MagCacheStrategy.retention_ratio,
+            "resample": resample,
+            **given,
+        }
         config = MagCacheConfig(mag_ratios=curves, **settings)
         found = CurveSource.from_config(config)
         assert found is not None and config.mag_ratios is not None
@@ -118,7 +113,7 @@ def plan_command(
     table = curve_source.table_for(steps)
     run_timesteps = None
     if resample != "index" and table.schedule is not None:
-        run_timesteps = timesteps_for(table.schedule, steps)
+        run_timesteps = timesteps_for(table.schedule, steps)  # as plan_source would rebuild them
     shown = branches if config.per_branch_curves else branches[:1]
     plans = {
         branch: plan_source(curve_source, config, steps, branch, position=i, timesteps=run_timesteps)
@@ -150,18 +145,5 @@ def plan_command(
                       "held flat there", highlight=False)
 
 
-def list_command() -> None:
-    """List the registered strategies (every module in strategies/)."""
-    table = Table(title="magsdk strategies")
-    for column in ("module", "transformer class", "block classes", "calibrations", "defaults (thr/K/ret)"):
-        table.add_column(column)
-    for name, cls in sorted(StrategyRegistry.all().items()):
-        cal = ", ".join(f"{e.num_steps} steps [{'/'.join(e.branches)}]" for e in cls.calibrations) or "none"
-        table.add_row(cls.__module__, name, ", ".join(cls.block_metadata), cal,
-                      f"{cls.threshold}/{cls.max_skip_steps}/{cls.retention_ratio}")
-    make_console().print(table)
-
-
 def register(app: typer.Typer) -> None:
     app.command("plan")(plan_command)
-    app.command("list")(list_command)

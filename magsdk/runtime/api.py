@@ -197,17 +197,26 @@ def _transformers_of(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], An
 
 
 def _resolve_strategy(
-    transformer: torch.nn.Module, strategy: StrategySource | None, metadata: MetadataSource | None
+    transformer: torch.nn.Module,
+    strategy: StrategySource | None,
+    metadata: MetadataSource | None,
+    pipeline: Any = None,
 ) -> MagCacheStrategy:
+    # The instance recognises its variant (which published model this is) from the pipeline when it
+    # needs a curve; `strategy="wan2.1-t2v-14b"` names the variant itself (magsdk/variants.py).
+    target = transformer if pipeline is None else pipeline
     if isinstance(strategy, MagCacheStrategy):
         return strategy
     if isinstance(strategy, type) and issubclass(strategy, MagCacheStrategy):
-        return strategy()
+        return strategy.for_target(target)
     if isinstance(strategy, str):
-        return StrategyRegistry.require(strategy)()
+        from magsdk.variants import resolve_name
+
+        cls, variant = resolve_name(strategy)
+        return cls.for_target(target, variant)
     registered = StrategyRegistry.get(type(transformer).__name__)
     if registered is not None:
-        return registered()
+        return registered.for_target(target)
     if metadata is not None:
         return MagCacheStrategy()
     return StrategyRegistry.require(type(transformer).__name__)()
@@ -325,7 +334,7 @@ def _attach(
                     continue
             else:
                 sources[name] = "given" if meta is not None else "strategy"
-            strategy = _resolve_strategy(transformer, strategy_source, meta)
+            strategy = _resolve_strategy(transformer, strategy_source, meta, pipeline=target)
             resolved_config, curves = _config_and_curves(strategy, config)
             session = _new_session(
                 transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler
@@ -356,8 +365,9 @@ def _config_and_curves(
 ) -> tuple[MagCacheConfig, CurveSource | None]:
     """The settings a session runs with, and every calibration it may choose a curve from."""
     if config is None:
-        resolved = strategy.default_config()
-        return resolved, (CurveSource.from_entries(strategy.calibrations, resolved) if strategy.calibrations else None)
+        resolved = strategy.run_config()  # the recognised variant's settings and curves
+        entries = strategy.calibration_entries()
+        return resolved, (CurveSource.from_entries(entries, resolved) if entries else None)
     return config, CurveSource.from_config(config)
 
 
