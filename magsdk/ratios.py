@@ -83,18 +83,27 @@ def decide(
 class BranchSchedule:
     """One branch's decisions in one run: the curve it follows and its running accumulator."""
 
-    def __init__(self, curve: MappedCurve, config: MagCacheConfig) -> None:
+    def __init__(self, curve: MappedCurve, config: MagCacheConfig, start: int = 0) -> None:
         self.curve = curve
         self.config = config
         self.acc = FRESH
         self._previous_t: float | None = None
+        #: A transformer that joins mid-schedule (Wan 2.2's low-noise expert) restarts the retention window at its
+        #: first step, as the MagCache source does: its first ``round(R · steps left)`` steps are computed.
+        self.start = start
+        self._restart_until = start
+        if start > 0 and curve.values is not None:
+            self._restart_until = start + retention_steps(config.retention_ratio, len(curve.values) - start)
 
     def should_skip(self, step: int, timestep: float | None, has_residual: bool) -> bool:
         """Decide one call (and advance the accumulator). ``timestep`` is needed only for online curves."""
         curve = self.curve
         if curve.values is not None:
             scale = curve.values[step] if step < len(curve.values) else 1.0
-            retained = curve.retention_steps is not None and step < curve.retention_steps
+            if self.start > 0:
+                retained = step < self._restart_until
+            else:
+                retained = curve.retention_steps is not None and step < curve.retention_steps
         else:
             online = curve.online
             if online is None or timestep is None:
@@ -146,6 +155,7 @@ def plan(
     position: int = 0,
     timesteps: Sequence[float] | None = None,
     module: str = "transformer",
+    first_step: int = 0,
 ) -> SkipPlan:
     """Which steps of ``branch`` compute and which skip in a ``num_steps`` run.
 
@@ -163,7 +173,9 @@ def plan(
     source = CurveSource.from_config(config)
     if source is None:
         raise ValueError("plan() needs a curve: pass mag_ratios or a config that has them")
-    return plan_source(source, config, num_steps, branch, position=position, timesteps=timesteps, module=module)
+    return plan_source(
+        source, config, num_steps, branch, position=position, timesteps=timesteps, module=module, first_step=first_step
+    )
 
 
 def plan_source(
@@ -175,8 +187,13 @@ def plan_source(
     position: int = 0,
     timesteps: Sequence[float] | None = None,
     module: str = "transformer",
+    first_step: int = 0,
 ) -> SkipPlan:
-    """``plan`` for a curve source with several calibrations (a strategy's), exactly as the runtime."""
+    """``plan`` for a curve source with several calibrations (a strategy's), exactly as the runtime.
+
+    ``first_step``: the first step this transformer runs (Wan 2.2's second expert joins at its boundary);
+    earlier steps are in neither list.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if timesteps is not None and len(timesteps) != num_steps:
@@ -193,11 +210,11 @@ def plan_source(
         stamps: list[float | None] = [float(t) for t in timesteps]
     else:
         stamps = [None] * num_steps
-    schedule = BranchSchedule(mapped, config)
+    schedule = BranchSchedule(mapped, config, start=first_step)
     computed: list[int] = []
     skipped: list[int] = []
     has_residual = False
-    for step in range(num_steps):
+    for step in range(first_step, num_steps):
         skip = schedule.should_skip(step, stamps[step], has_residual)
         (skipped if skip else computed).append(step)
         has_residual = has_residual or not skip

@@ -68,12 +68,18 @@ class MagCacheHandle:
         position: int = 0,
         timesteps: Sequence[float] | None = None,
         module: str = "transformer",
+        first_step: int = 0,
     ) -> SkipPlan:
-        """The schedule this handle follows for a ``num_steps`` run of ``branch`` (the runtime's own rule)."""
+        """The schedule this handle follows for a ``num_steps`` run of ``branch`` (the runtime's own rule).
+
+        ``module`` names the pipeline's transformer (``transformer_2`` for Wan 2.2's second expert) and
+        ``first_step`` the first step it runs.
+        """
         if self.curves is None:
             raise UsageError("a calibration handle does not skip; it has no plan")
         return plan_source(
-            self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module
+            self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
+            first_step=first_step,
         )
 
     def reset(self) -> None:

@@ -306,7 +306,7 @@ class CacheSession:
             )
         logger.debug("magsdk: %s branch %s follows the %s", self.name, position.branch, mapped.how)
         self.stats.note_curve(self.name, position.branch, mapped.how)
-        return BranchState(schedule=BranchSchedule(mapped, self.config))
+        return BranchState(schedule=BranchSchedule(mapped, self.config, start=max(position.step, 0)))
 
     def _check_online_range(self, low: float, high: float, timestep: float | None) -> None:
         if timestep is None:
@@ -325,7 +325,8 @@ class CacheSession:
             return None
         value = self._timestep.read(args, kwargs)
         if isinstance(value, torch.Tensor):
-            return float(value.reshape(-1)[0]) if value.numel() else None
+            # the largest: per-token timesteps (Wan's expand_timesteps) give clean conditioning frames 0
+            return float(value.detach().amax()) if value.numel() else None
         return float(value) if isinstance(value, (int, float)) else None
 
     def _argument_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | float | None:
@@ -334,7 +335,7 @@ class CacheSession:
             return None
         value = self._timestep.read(args, kwargs)
         if isinstance(value, torch.Tensor):
-            return value.detach().reshape(-1)[0] if value.numel() else None
+            return value.detach().amax() if value.numel() else None
         return float(value) if isinstance(value, (int, float)) else None
 
     # -- calibration ----------------------------------------------------------------------------

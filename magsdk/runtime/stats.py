@@ -69,24 +69,36 @@ class CacheStats(BaseModel):
     def generations(self) -> list[int]:
         return sorted({g for _, g in self._records})
 
-    def branches(self, generation: int | None = None) -> list[str]:
+    def modules(self) -> list[str]:
+        """The pipeline attributes of the transformers seen (``transformer``, ``transformer_2``)."""
+        seen: dict[str, None] = {}
+        for module, _ in self._records:
+            seen.setdefault(module, None)
+        return list(seen)
+
+    def branches(self, generation: int | None = None, module: str | None = None) -> list[str]:
         gen = self._resolve(generation)
         seen: dict[str, None] = {}
-        for call in self._calls_of(gen):
+        for call in self._calls_of(gen, module):
             seen.setdefault(call.branch, None)
         return list(seen)
 
-    def computed_steps(self, branch: str | None = None, generation: int | None = None) -> list[int]:
-        """Steps computed in one generation (default: the last) for one branch (default: the first)."""
-        return self._steps(True, branch, generation)
+    def computed_steps(
+        self, branch: str | None = None, generation: int | None = None, module: str | None = None
+    ) -> list[int]:
+        """Steps computed in one generation (default: the last) for one branch (default: the first),
+        of one transformer (default: all of them)."""
+        return self._steps(True, branch, generation, module)
 
-    def skipped_steps(self, branch: str | None = None, generation: int | None = None) -> list[int]:
-        return self._steps(False, branch, generation)
+    def skipped_steps(
+        self, branch: str | None = None, generation: int | None = None, module: str | None = None
+    ) -> list[int]:
+        return self._steps(False, branch, generation, module)
 
-    def per_branch(self, generation: int | None = None) -> dict[str, dict[int, bool]]:
+    def per_branch(self, generation: int | None = None, module: str | None = None) -> dict[str, dict[int, bool]]:
         gen = self._resolve(generation)
         table: dict[str, dict[int, bool]] = {}
-        for call in self._calls_of(gen):
+        for call in self._calls_of(gen, module):
             table.setdefault(call.branch, {})[call.step] = call.computed
         return table
 
@@ -97,19 +109,22 @@ class CacheStats(BaseModel):
         self.curves.clear()
         self._records.clear()
 
-    def _calls_of(self, generation: int) -> list[CallRecord]:
-        return [c for (_, g), calls in self._records.items() if g == generation for c in calls]
+    def _calls_of(self, generation: int, module: str | None = None) -> list[CallRecord]:
+        found = [
+            c for (m, g), calls in self._records.items() if g == generation and module in (None, m) for c in calls
+        ]
+        return sorted(found, key=_order) if module is None else found
 
     def _resolve(self, generation: int | None) -> int:
         if generation is not None:
             return generation
         return max((g for _, g in self._records), default=0)
 
-    def _steps(self, computed: bool, branch: str | None, generation: int | None) -> list[int]:
+    def _steps(self, computed: bool, branch: str | None, generation: int | None, module: str | None) -> list[int]:
         gen = self._resolve(generation)
-        names = self.branches(gen)
+        names = self.branches(gen, module)
         name = branch if branch is not None else (names[0] if names else None)
-        return [c.step for c in self._calls_of(gen) if c.branch == name and c.computed == computed]
+        return [c.step for c in self._calls_of(gen, module) if c.branch == name and c.computed == computed]
 
 
 def _order(call: CallRecord) -> tuple[int, int]:
