@@ -18,9 +18,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import magsdk
-from strategies.flux import CALIBRATIONS
+from strategies.flux import VARIANTS
 
-FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
 CONFIG = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
 #: Inductor reorders float arithmetic; on this tiny model the same is seen without magsdk (max |diff| ~0.02
 #: over 28 steps of latents of magnitude ~6, measured with compile_repeated_blocks alone).

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import magsdk
-from strategies.flux import CALIBRATIONS
+from strategies.flux import VARIANTS
 
-FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
 CONFIG = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
 CPU = torch.device("cpu")
 

@@ -19,9 +19,9 @@ from tiny_models import denoise, diffusers_mag_cache, flux_inputs, tiny_flux
 
 import magsdk
 from magsdk.patching import DoublePatchError, Patches
-from strategies.flux import CALIBRATIONS
+from strategies.flux import VARIANTS
 
-FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
 FAST = dict(threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
 SIDE, TEXT = 32, 64  # 1024 image tokens + 64 text tokens
 

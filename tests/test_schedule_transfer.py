@@ -17,9 +17,9 @@ from magsdk.codegen.literal import round_entry
 from magsdk.config import CalibrationEntry
 from magsdk.curves import TimestepMap
 from magsdk.schedules import timesteps_for
-from strategies.flux import CALIBRATIONS
+from strategies.flux import VARIANTS
 
-FLUX_RATIOS = CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
 
 
 def flux_schedule(steps: int, shift: float = 3.0) -> list[float]:

@@ -26,7 +26,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from magsdk.codegen import render_strategy, spec_from_report, write_validated
-from magsdk.config import CalibrationEntry, InspectionReport, StrategyVariant, atomic_write_text
+from magsdk.codegen.literal import round_entry
+from magsdk.config import CalibrationEntry, InspectionReport, ScheduleInfo, StrategyVariant, atomic_write_text
 from magsdk.ratios import plan
 from magsdk.strategy import MagCacheStrategy
 
@@ -101,6 +102,44 @@ class EntryFields(BaseModel):
     shape: str | None
 
 
+class ScheduleRebuild(BaseModel):
+    """How to compute the schedule a curve was measured on, when its source states it but did not record it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: str
+    config: dict[str, Any]
+    config_source: str
+    #: "flux_linspace": the pipeline passes sigmas = linspace(1, 1/N, N) and mu from the image token count.
+    sigmas: str
+    image_tokens: int
+    resolution: str
+    #: The transformer's timestep argument is the scheduler's timestep times this (FluxPipeline: t / 1000).
+    timestep_argument_scale: float
+    note: str
+
+    def schedule(self, num_steps: int) -> tuple[ScheduleInfo, list[float]]:
+        """The ``ScheduleInfo`` and the transformer's timestep argument per step."""
+        import diffusers
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        from magsdk.runtime.session import schedule_info
+
+        scheduler = getattr(diffusers, self.scheduler).from_config(self.config)
+        if self.sigmas != "flux_linspace":
+            raise ValueError(f"unknown sigma rule {self.sigmas!r}")
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+        cfg = scheduler.config
+        mu = calculate_shift(self.image_tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
+                             cfg.max_shift)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+        timesteps = [float(t) for t in scheduler.timesteps.tolist()]
+        info = schedule_info(timesteps, scheduler, {"mu": mu, "sigmas": sigmas}, self.image_tokens)
+        info = info.model_copy(update={"resolution": self.resolution, "note": f"{self.note}; {self.config_source}"})
+        return info, [t * self.timestep_argument_scale for t in timesteps]
+
+
 class Curve(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,6 +158,7 @@ class Curve(BaseModel):
     settings: Settings
     notes: list[str]
     entry: EntryFields
+    rebuild: ScheduleRebuild | None = None
 
     def curves(self) -> dict[str, list[float]]:
         """Branch → curve: the source's padding applied, interleaved cond/uncond split (cond first)."""
@@ -137,14 +177,18 @@ class Curve(BaseModel):
         return found
 
     def calibration(self) -> CalibrationEntry:
-        return CalibrationEntry(
+        schedule, stamps = self.rebuild.schedule(self.num_steps) if self.rebuild is not None else (None, [])
+        entry = CalibrationEntry(
             num_steps=self.num_steps,
             branches=self.curves(),
             source=self.source.short(),
             scheduler=self.entry.scheduler,
             shape=self.entry.shape,
             synthetic=False,
+            timesteps=stamps,
+            schedule=schedule,
         )
+        return round_entry(entry)  # as the module's literal reads back
 
 
 class Recognise(BaseModel):

@@ -139,6 +139,21 @@ _SCHEDULE_SCALARS = ("scheduler", "config", "set_timesteps", "image_tokens", "re
 _SCHEDULE_LISTS = ("timesteps", "sigmas", "input_sigmas")
 
 
+def _chunks(text: str, width: int) -> list[str]:
+    """``text`` cut at spaces into pieces of at most ``width`` characters (concatenated back by Python)."""
+    pieces: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if len(candidate) > width and current:
+            pieces.append(current + " ")
+            current = word
+        else:
+            current = candidate
+    pieces.append(current)
+    return pieces
+
+
 def _schedule_lines(schedule: ScheduleInfo, indent: str) -> list[str]:
     inner = indent + "    "
     lines = [f"{indent}{py_str('schedule')}: {{"]
@@ -146,7 +161,17 @@ def _schedule_lines(schedule: ScheduleInfo, indent: str) -> list[str]:
         value = getattr(schedule, key)
         if value is None or value == {}:
             continue
-        lines.append(f"{inner}{py_str(key)}: {py_literal(value)},")
+        line = f"{inner}{py_str(key)}: {py_literal(value)},"
+        if isinstance(value, dict) and len(line) > MAX_LINE:
+            lines.append(f"{inner}{py_str(key)}: {{")
+            lines.extend(f"{inner}    {py_str(str(k))}: {py_literal(v)}," for k, v in value.items())
+            lines.append(f"{inner}}},")
+        elif isinstance(value, str) and len(line) > MAX_LINE:
+            lines.append(f"{inner}{py_str(key)}: (")
+            lines.extend(f"{inner}    {py_str(chunk)}" for chunk in _chunks(value, MAX_LINE - len(inner) - 8))
+            lines.append(f"{inner}),")
+        else:
+            lines.append(line)
     for key in _SCHEDULE_LISTS:
         values = getattr(schedule, key)
         if values is None:
