@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,31 +60,51 @@ def resolve_config(source: StrategyOrConfig, num_inference_steps: int) -> MagCac
     return config
 
 
-def export_plan(source: StrategyOrConfig, num_inference_steps: int, branch: str = DEFAULT_BRANCH) -> SkipPlan:
-    """The plan magsdk follows for ``branch`` of a ``num_inference_steps`` run of ``source``."""
-    return plan(None, resolve_config(source, num_inference_steps), num_inference_steps, branch=branch)
+def export_plan(
+    source: StrategyOrConfig, num_inference_steps: int, branch: str = DEFAULT_BRANCH,
+    timesteps: Sequence[float] | None = None,
+) -> SkipPlan:
+    """The plan magsdk follows for ``branch`` of a ``num_inference_steps`` run of ``source``.
+
+    ``timesteps``: the run's scheduler timesteps, when they differ from the calibration's own schedule
+    rebuilt at that step count (another shift or resolution).
+    """
+    config = resolve_config(source, num_inference_steps)
+    return plan(None, config, num_inference_steps, branch=branch, timesteps=timesteps)
 
 
 def to_diffusers_config(
-    strategy_or_config: StrategyOrConfig, num_inference_steps: int, *, branch: str = DEFAULT_BRANCH
+    strategy_or_config: StrategyOrConfig, num_inference_steps: int, *, branch: str = DEFAULT_BRANCH,
+    timesteps: Sequence[float] | None = None,
 ) -> Any:
     """A ``diffusers.hooks.MagCacheConfig`` that makes diffusers skip exactly the steps magsdk skips.
 
-    Its ``mag_ratios`` are ``magsdk.plan(...).curve``: the curve already mapped to the run's step
-    count (diffusers does not resample a curve of the right length). Use it for that step count
-    only; diffusers keeps one state per ``cache_context``, so each CFG branch follows this curve.
+    Its ``mag_ratios`` are ``magsdk.plan(...).curve``: the curve already mapped to the run (its step
+    count and, with ``timesteps``, its schedule; diffusers does not resample a curve of the right
+    length). Use it for that run only; diffusers keeps one state per ``cache_context``, so each CFG
+    branch follows this curve. diffusers' retention counts steps, so the exported curve matches magsdk
+    exactly on the calibration's own schedule; mapped elsewhere, magsdk's noise-level retention can
+    keep a step or two more.
     """
     from diffusers.hooks import MagCacheConfig as DiffusersMagCacheConfig
 
     config = resolve_config(strategy_or_config, num_inference_steps)
-    skip_plan = plan(None, config, num_inference_steps, branch=branch)
+    skip_plan = plan(None, config, num_inference_steps, branch=branch, timesteps=timesteps)
     return DiffusersMagCacheConfig(
         threshold=config.threshold,
         max_skip_steps=config.max_skip_steps,
-        retention_ratio=config.retention_ratio,
+        retention_ratio=_index_retention(skip_plan, config.retention_ratio),
         num_inference_steps=num_inference_steps,
         mag_ratios=list(skip_plan.curve),
     )
+
+
+def _index_retention(skip_plan: SkipPlan, ratio: float) -> float:
+    """A retention ratio that makes diffusers (``int(r·n + 0.5)`` steps) keep the steps magsdk's plan keeps."""
+    retained, steps = skip_plan.retained_steps, skip_plan.num_steps
+    if retained is None or int(ratio * steps + 0.5) == retained:
+        return ratio
+    return min(max(0.0, (retained - 0.25) / steps), 0.999)
 
 
 # -- diffusers' TransformerBlockRegistry ------------------------------------------------------------
@@ -225,10 +245,11 @@ class CacheDitExport(BaseModel):
 
 
 def to_cache_dit(
-    strategy_or_config: StrategyOrConfig, num_inference_steps: int, *, branch: str = DEFAULT_BRANCH
+    strategy_or_config: StrategyOrConfig, num_inference_steps: int, *, branch: str = DEFAULT_BRANCH,
+    timesteps: Sequence[float] | None = None,
 ) -> CacheDitExport:
     """cache-dit settings that compute exactly the steps magsdk's plan computes."""
-    skip_plan = export_plan(strategy_or_config, num_inference_steps, branch)
+    skip_plan = export_plan(strategy_or_config, num_inference_steps, branch, timesteps)
     computed = set(skip_plan.computed_steps)
     mask = [1 if step in computed else 0 for step in range(num_inference_steps)]
     leading = next((i for i, m in enumerate(mask) if m == 0), len(mask))

@@ -132,6 +132,8 @@ class SkipPlan(BaseModel):
     mapping: str = ""
     #: Timesteps of the run that lie outside the calibrated range (the curve is flat there).
     out_of_range: list[float] = []
+    #: Leading steps always computed (the retention window, by index or by noise level); None when online.
+    retained_steps: int | None = None
 
     @property
     def ideal_speedup(self) -> float:
@@ -230,6 +232,7 @@ def plan_source(
         branch=branch,
         mapping=mapped.how,
         out_of_range=list(mapped.out_of_range),
+        retained_steps=mapped.retention_steps,
     )
 
 

@@ -61,3 +61,31 @@ def timesteps_for(schedule: ScheduleInfo, num_steps: int) -> list[float] | None:
     if num_steps == schedule.num_steps:
         return list(schedule.timesteps)
     return _rebuild(schedule, num_steps)
+
+
+def timesteps_from_scheduler(scheduler: Any, num_steps: int, passed: dict[str, Any]) -> list[float] | None:
+    """The timesteps a live pipeline's scheduler would give a ``num_steps`` run, without touching it.
+
+    ``passed`` holds what the pipeline passed to ``set_timesteps`` last time (``mu``, ``sigmas``); a
+    copy of the scheduler is set up the same way for ``num_steps``. None when that cannot be done.
+    """
+    import copy
+
+    kwargs: dict[str, Any] = {}
+    sigmas = passed.get("sigmas")
+    if sigmas is not None:
+        values = [float(v) for v in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+        if not np.allclose(values, _flux_sigmas(len(values)), atol=1e-5):
+            return None
+        kwargs["sigmas"] = _flux_sigmas(num_steps)
+    if passed.get("mu") is not None:
+        kwargs["mu"] = float(passed["mu"])
+    try:
+        twin = copy.deepcopy(scheduler)
+        twin.set_timesteps(num_inference_steps=num_steps, **kwargs)
+        values = twin.timesteps.tolist()
+    except Exception as exc:
+        logger.debug("cannot set %s up for %d steps: %s", type(scheduler).__name__, num_steps, exc)
+        return None
+    begin = int(getattr(twin, "begin_index", None) or 0)
+    return [float(t) for t in values[begin:]]

@@ -33,22 +33,17 @@ def test_write_section_keeps_the_rest_of_the_file(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     head = "# Benchmarks\n\n## Lead's section\n\nkeep me\n"
     tail = "## Another section\n\nkeep me too\n"
-    doc.write_text(head + "\n" + bench.SECTION + "\n\nold numbers\n\n" + tail)
-    bench.write_section(doc, bench.SECTION + "\n\nnew numbers\n")
+    doc.write_text(head + "\n" + bench.SECTION_QUALITY + "\n\nold numbers\n\n" + tail)
+    bench.write_section(doc, bench.SECTION_QUALITY, bench.SECTION_QUALITY + "\n\nnew numbers\n")
     text = doc.read_text()
     assert text.startswith(head) and text.endswith(tail)
     assert "new numbers" in text and "old numbers" not in text
-    # hand-written findings survive a regeneration
-    def notes(body: str) -> str:
-        return f"{bench.SECTION}\n\n{bench.NOTES_START}\n{body}\n{bench.NOTES_END}\n"
-
-    bench.write_section(doc, notes("my analysis"))
-    bench.write_section(doc, notes("placeholder") + "v2\n")
+    bench.write_section(doc, bench.SECTION_TRANSFER, bench.SECTION_TRANSFER + "\n\ntransfer\n")  # appended
     text = doc.read_text()
-    assert "my analysis" in text and "placeholder" not in text and "v2" in text and text.endswith(tail)
+    assert "new numbers" in text and text.rstrip().endswith("transfer")
     fresh = tmp_path / "fresh.md"
-    bench.write_section(fresh, bench.SECTION + "\n\nfirst\n")
-    assert bench.SECTION in fresh.read_text()
+    bench.write_section(fresh, bench.SECTION_QUALITY, bench.SECTION_QUALITY + "\n\nfirst\n")
+    assert bench.SECTION_QUALITY in fresh.read_text()
 
 
 @pytest.mark.slow
@@ -66,8 +61,22 @@ def test_quick_run_has_a_row_per_method(tmp_path: Path) -> None:
         for key in ("speedup", "psnr_db", "ssim", "accuracy", "seconds"):
             assert math.isfinite(p[key]), (p["method"], key, p[key])
         assert 0 < p["computed_calls"] <= p["total_calls"] == 2 * 12
-    assert payload["transfer"] and all(math.isfinite(r["psnr_gap_db"]) for r in payload["transfer"])
     text = out.read_text()
-    assert bench.SECTION in text
+    assert bench.SECTION_QUALITY in text and "**Findings (computed from the table above).**" in text
     for method in expected:
         assert f"| {method} |" in text
+
+
+@pytest.mark.slow
+def test_quick_transfer_run_compares_mapped_index_and_native(tmp_path: Path) -> None:
+    bench = load_tool()
+    out, data = tmp_path / "bench.md", tmp_path / "bench.json"
+    assert bench.main(["--transfer", "--quick", "--prompts", "2", "--steps", "12", "--out", str(out),
+                       "--json", str(data)]) == 0
+    rows = json.loads(data.read_text())["transfer"]
+    assert [r["target"] for r in rows] == ["14 steps", "28 steps, shift 3"]
+    for row in rows:
+        for name in ("mapped", "index", "native"):
+            assert math.isfinite(row[name]["psnr_db"]) and row[name]["total_calls"] == 2 * row["steps"]
+        assert isinstance(row["meets_goal"], bool)
+    assert bench.SECTION_TRANSFER in out.read_text()

@@ -78,4 +78,4 @@ def test_output_to_a_file_is_not_truncated(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if "default" in line]
     assert len(rows) == 1 and len(rows[0].split("│")[5].strip()) == 150
-    assert "MagCache plan: FluxStrategy, 150 steps, threshold=0.24, K=3, retention=0.2" in out
+    assert "MagCache plan: FluxStrategy flux.1-dev, 150 steps, threshold=0.24, K=5, retention=0.1" in out

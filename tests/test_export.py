@@ -60,14 +60,16 @@ def _computed_by_diffusers(model: torch.nn.Module, config: Any, steps: int, head
 @pytest.mark.parametrize("steps", [20, 28])
 def test_diffusers_with_the_exported_config_computes_magsdk_steps_on_flux(steps: int) -> None:
     model = tiny_flux()
-    exported = magsdk.to_diffusers_config("flux.1-dev", num_inference_steps=steps)
+    scheduler = FlowMatchEulerDiscreteScheduler()  # tells magsdk the run's step count, as a pipeline's does
+    scheduler.set_timesteps(steps)
+    run_timesteps = [float(t) for t in scheduler.timesteps]  # not FLUX.1-dev's own schedule: the curve is mapped
+    exported = magsdk.to_diffusers_config("flux.1-dev", num_inference_steps=steps, timesteps=run_timesteps)
     assert len(exported.mag_ratios) == steps  # already mapped to the run: diffusers resamples nothing
     diffusers_model = fresh_copy(model)
     theirs = _computed_by_diffusers(diffusers_model, exported, steps, diffusers_model.transformer_blocks[0])
 
     ours_model = fresh_copy(model)
     recorder = ComputeRecorder(ours_model, ours_model.transformer_blocks[0])
-    scheduler = FlowMatchEulerDiscreteScheduler()  # tells magsdk the run's step count, as a pipeline's does
     with magsdk.enable(ours_model, strategy="flux.1-dev", scheduler=scheduler) as handle:
         denoise(ours_model, steps, scheduler=scheduler)
         expected = handle.plan(steps).computed_steps
@@ -83,7 +85,7 @@ def test_exported_config_follows_overridden_settings_and_configs() -> None:
     assert exported.mag_ratios.tolist() == pytest.approx(magsdk.plan(None, config, 12).curve)
     with pytest.raises(magsdk.UsageError, match="calibrate=True"):
         magsdk.to_diffusers_config(magsdk.MagCacheConfig(calibrate=True), num_inference_steps=12)
-    with pytest.raises(magsdk.UsageError, match="unknown strategy 'nope'"):
+    with pytest.raises(magsdk.UsageError, match="no MagCache strategy found for 'nope'"):
         magsdk.to_diffusers_config("nope", num_inference_steps=12)
 
 

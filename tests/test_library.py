@@ -202,7 +202,7 @@ def test_named_variants_and_unknown_names() -> None:
         assert handle.strategy.resolved_variant().name == "hunyuanvideo-544p"
     with pytest.raises(magsdk.StrategyNotFoundError, match=r"wan2\.1-t2v-14b") as info:
         magsdk.enable(pipe, strategy="wan2.5-t2v")
-    assert "unknown strategy 'wan2.5-t2v'" in str(info.value)
+    assert "no MagCache strategy found for 'wan2.5-t2v'" in str(info.value)
     with pytest.raises(magsdk.UsageError, match="has no variant 'nope'"):
         strategy_of("wan").variant_named("nope")
 

@@ -25,6 +25,7 @@ from diffusers.hooks import MagCacheConfig as DiffusersMagCacheConfig
 from diffusers.hooks import apply_mag_cache
 
 import magsdk
+import strategies
 from magsdk.calibration.drivers import load_model, pipeline_call_kwargs, resolve_settings
 from magsdk.calibration.settings import GENERAL_PROMPTS, CalibrationRequest, replay_kwargs
 from magsdk.cli import main
@@ -205,7 +206,10 @@ def test_default_module_names_never_shadow_a_bundled_strategy(tmp_path: Path) ->
     assert default_strategy_name("black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel")[0] == "flux_1_dev"
     name, note = default_strategy_name("FluxTransformer2DModel", "FluxTransformer2DModel")
     assert name == "my_flux" and note is not None and "strategies/flux.py" in note
-    assert default_strategy_name("WanTransformer3DModel", "WanTransformer3DModel") == ("wan", None)
+    name, note = default_strategy_name("WanTransformer3DModel", "WanTransformer3DModel")
+    assert name == "my_wan" and note is not None and "strategies/wan.py" in note  # Wan ships a strategy too
+    name, note = default_strategy_name("SD3Transformer2DModel", "SD3Transformer2DModel")
+    assert note is None and not (Path(strategies.__file__).parent / f"{name}.py").exists()
 
 
 # -- no calibration is lost -------------------------------------------------------------------------

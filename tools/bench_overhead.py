@@ -1,23 +1,35 @@
-"""Hook overhead: plain vs magsdk vs diffusers' MagCache, side by side in one process.
+"""Runtime cost and memory: plain vs magsdk vs diffusers' MagCache, side by side in one process.
 
-For each curve (one that skips nothing, one that skips about half) every method runs the same
-denoising loop on the same weights, interleaved over several rounds; the table shows the best
-(minimum) time per generation over the rounds — the least disturbed by other processes — and its
-ratio to the ideal time ``plain × computed / total``.
+Every method runs the same denoising loop (FlowMatchEulerDiscreteScheduler, one transformer call per
+step) on its own copy of the same weights. After a warm-up generation per method, the methods are
+timed in interleaved rounds (plain, then each cached method, plain again, ...) and each row reports
+the **median** over the rounds. ``ideal`` is ``plain × computed / total``: what a skip would cost if
+everything outside the block stack were free; ``time / ideal`` above 1 is overhead. A speedup
+above the call ratio cannot be true and is flagged as noise, not printed as fact.
 
-    python tools/bench_overhead.py                    # mid-size CPU Flux config
-    python tools/bench_overhead.py --tiny --rounds 20                     # hook overhead per call
-    python tools/bench_overhead.py --full --device cuda --dtype bfloat16   # FLUX.1-dev architecture
+Retained memory is what a method keeps alive between generations: on the CPU the bytes of tensors
+that are not parameters or buffers (a ``gc`` walk), on CUDA ``torch.cuda.memory_allocated()``; on
+CUDA the peak (``max_memory_allocated``) of one generation is reported too.
+
+    python tools/bench_overhead.py --threads 1                        # tiny and mid-size CPU tables
+    python tools/bench_overhead.py --sizes mid --rounds 9             # one size, more rounds
+    python tools/bench_overhead.py --full --device cuda --dtype bfloat16   # FLUX.1-dev architecture,
+                                                                           # eager and compile_repeated_blocks
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -27,22 +39,51 @@ from diffusers.hooks import apply_mag_cache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import magsdk
-from strategies.flux import CALIBRATIONS
+from strategies.flux import VARIANTS
 
-FLUX_RATIOS: list[float] = CALIBRATIONS[0]["branches"]["default"]
+FLUX_RATIOS: list[float] = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev, 28 steps
 
-TINY = dict(in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
-MID = dict(in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=32, num_attention_heads=4,
-           joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12))
-FULL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-            joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)),
+    "mid": dict(in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=32, num_attention_heads=4,
+                joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)),
+    "full": dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=(16, 56, 56)),
+}
+TOKENS = {"tiny": (16, 6), "mid": (1024, 64), "full": (4096, 512)}
+SETTINGS = {
+    "K=0 (skips nothing)": dict(threshold=0.06, max_skip_steps=0, retention_ratio=0.2),
+    "0.06/3/0.2": dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2),
+    "0.24/5/0.1": dict(threshold=0.24, max_skip_steps=5, retention_ratio=0.1),
+}
+
+
+@dataclass
+class Row:
+    size: str
+    mode: str
+    method: str
+    setting: str
+    computed: int
+    total: int
+    median_s: float
+    rounds: list[float]
+    ideal_s: float
+    retained_mb: float
+    peak_mb: float | None
+
+    @property
+    def speedup(self) -> float:
+        return 0.0 if not self.median_s else self.plain_s / self.median_s
+
+    plain_s: float = 0.0
 
 
 def build(size: str, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
     torch.manual_seed(0)
-    config = {"full": FULL, "mid": MID, "tiny": TINY}[size]
-    model = FluxTransformer2DModel(patch_size=1, **config)  # type: ignore[arg-type]
+    model = FluxTransformer2DModel(patch_size=1, **SIZES[size])
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -60,8 +101,8 @@ def make_loop(model: torch.nn.Module, steps: int, image_tokens: int, text_tokens
         "img_ids": img_ids,
         "txt_ids": torch.zeros(text_tokens, 3),
     }
-    inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and k != "img_ids" else v.dtype)
-              for k, v in inputs.items()}
+    inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids")
+                      else v.dtype) for k, v in inputs.items()}
     if cfg.guidance_embeds:
         inputs["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
     start = torch.randn(1, side * side, cfg.in_channels, generator=g).to(device=device, dtype=dtype)
@@ -82,88 +123,144 @@ def make_loop(model: torch.nn.Module, steps: int, image_tokens: int, text_tokens
     return loop
 
 
+def held_bytes(device: str, models: list[torch.nn.Module]) -> int:
+    """Tensors kept alive that are not any model's parameters or buffers."""
+    gc.collect()
+    if device == "cuda":
+        return int(torch.cuda.memory_allocated())
+    owned = {t.untyped_storage().data_ptr() for m in models for t in [*m.parameters(), *m.buffers()]}
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+                pointer = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if pointer not in owned:
+                storages[pointer] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measure_memory(
+    device: str, loop: Callable[[], torch.Tensor], models: list[torch.nn.Module]
+) -> tuple[float, float | None]:
+    """(MB retained after one generation, peak MB during it on CUDA)."""
+    before = held_bytes(device, models)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out = loop()
+    del out
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return (held_bytes(device, models) - before) / 2**20, peak
+
+
+def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
+    dtype = getattr(torch, args.dtype)
+    image_tokens, text_tokens = TOKENS[size]
+    base = build(size, args.device, dtype)
+    methods: dict[str, tuple[str, str, Callable[[], torch.Tensor], torch.nn.Module]] = {}
+    computed: dict[str, int] = {}
+    plain_model = base
+    for label, settings in SETTINGS.items():
+        ours = copy.deepcopy(base)
+        handle = magsdk.enable(ours, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", **settings))
+        theirs = copy.deepcopy(base)
+        apply_mag_cache(theirs, DiffusersMagCacheConfig(mag_ratios=FLUX_RATIOS, num_inference_steps=args.steps,
+                                                        **settings))
+        computed[label] = len(handle.plan(args.steps).computed_steps)
+        for method, model in (("magsdk", ours), ("diffusers", theirs)):
+            if mode == "compiled":
+                model.compile_repeated_blocks()
+            methods[f"{method} | {label}"] = (method, label, make_loop(model, args.steps, image_tokens, text_tokens,
+                                                                       args.device, dtype), model)
+    if mode == "compiled":
+        plain_model.compile_repeated_blocks()
+    plain = make_loop(plain_model, args.steps, image_tokens, text_tokens, args.device, dtype)
+    all_models = [plain_model, *(m for *_, m in methods.values())]
+
+    memory = {"plain": measure_memory(args.device, plain, all_models)}  # also the warm-up
+    for name, (_, _, loop, _) in methods.items():
+        memory[name] = measure_memory(args.device, loop, all_models)
+    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in methods}}
+    for _ in range(args.rounds):  # interleaved: plain between every cached method
+        for name, (_, _, loop, _) in methods.items():
+            times["plain"].append(timed(plain))
+            times[name].append(timed(loop))
+    plain_s = statistics.median(times["plain"])
+    rows = [Row(size, mode, "plain", "-", args.steps, args.steps, plain_s, times["plain"], plain_s,
+                *memory["plain"], plain_s=plain_s)]
+    for name, (method, label, _, _) in methods.items():
+        ideal = plain_s * computed[label] / args.steps
+        rows.append(Row(size, mode, method, label, computed[label], args.steps, statistics.median(times[name]),
+                        times[name], ideal, *memory[name], plain_s=plain_s))
+    return rows
+
+
 def timed(fn: Callable[[], torch.Tensor]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def main() -> None:
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| size | mode | method | setting | computed / total | median time (s) | speedup | ideal (s) | time / ideal "
+        "| retained (MB) | peak (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup = f"{r.speedup:.2f}x"
+        if r.computed and r.speedup > r.total / r.computed * 1.001:
+            speedup += " (noise: above the call ratio)"
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
+        lines.append(f"| {r.size} | {r.mode} | {r.method} | {r.setting} | {r.computed} / {r.total} | "
+                     f"{r.median_s:.4f} | {speedup} | {r.ideal_s:.4f} | {r.median_s / r.ideal_s:.3f} | "
+                     f"{r.retained_mb:.3f} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="FLUX.1-dev architecture (needs a GPU)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="a 2+2-block model on 16 tokens: the blocks cost little, so the table shows hook overhead")
+    parser.add_argument("--sizes", default="tiny,mid", help="comma-separated: tiny, mid (CPU), full (GPU)")
+    parser.add_argument("--full", action="store_true", help="the FLUX.1-dev architecture, eager and compiled")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--image-tokens", type=int, default=None, help="default: 1024 (mid), 4096 (full)")
-    parser.add_argument("--text-tokens", type=int, default=None, help="default: 64 (mid), 512 (full)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported; >= 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); fewer = steadier timings")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer for every method")
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    parser.add_argument("--modes", default=None, help="eager,compiled (default: eager; with --full both)")
+    parser.add_argument("--json", type=Path, default=None, help="write every round's timings here")
+    args = parser.parse_args(argv)
+    if args.rounds < 5:
+        parser.error(f"--rounds {args.rounds}: medians need at least 5 rounds")
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = "full" if args.full else "tiny" if args.tiny else "mid"
-    image_tokens = args.image_tokens or {"full": 4096, "mid": 1024, "tiny": 16}[size]
-    text_tokens = args.text_tokens or {"full": 512, "mid": 64, "tiny": 6}[size]
-    base = build(size, args.device, dtype)
-
-    curves = {
-        "skips nothing (K=0)": dict(threshold=0.06, max_skip_steps=0, retention_ratio=0.2),
-        "FLUX curve 0.06/3/0.2": dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2),
-        "FLUX curve 0.24/5/0.1": dict(threshold=0.24, max_skip_steps=5, retention_ratio=0.1),
-    }
-    print(f"# device={args.device} dtype={args.dtype} model={size} steps={args.steps} "
-          f"image_tokens={image_tokens} text_tokens={text_tokens} rounds={args.rounds} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    plain_model = base
-    methods: dict[str, Callable[[], torch.Tensor]] = {}
-    computed: dict[str, int] = {}
-    for label, settings in curves.items():
-        ours = copy.deepcopy(base)
-        handle = magsdk.enable(ours, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **settings))
-        theirs = copy.deepcopy(base)
-        apply_mag_cache(theirs, DiffusersMagCacheConfig(mag_ratios=FLUX_RATIOS, num_inference_steps=args.steps,
-                                                        **settings))
-        if args.compile:
-            ours.compile()
-            theirs.compile()
-        methods[f"magsdk | {label}"] = make_loop(ours, args.steps, image_tokens, text_tokens, args.device, dtype)
-        methods[f"diffusers | {label}"] = make_loop(theirs, args.steps, image_tokens, text_tokens, args.device,
-                                                    dtype)
-        computed[label] = len(handle.plan(args.steps).computed_steps)
-    if args.compile:
-        plain_model.compile()
-    plain = make_loop(plain_model, args.steps, image_tokens, text_tokens, args.device, dtype)
-
-    for fn in [plain, *methods.values()]:  # warm-up (and compilation)
-        fn()
-    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in methods}}
-    for _ in range(args.rounds):
-        times["plain"].append(timed(plain))
-        for name, fn in methods.items():
-            times[name].append(timed(fn))
-            times["plain"].append(timed(plain))
-    plain_s = min(times["plain"])
-    print("| method | curve | computed / total | best time per generation (s) | speedup | ideal (s) | time / ideal |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| plain | - | {args.steps} / {args.steps} | {plain_s:.3f} | 1.00x | {plain_s:.3f} | 1.000 |")
-    for name, values in times.items():
-        if name == "plain":
-            continue
-        method, label = name.split(" | ")
-        seconds = min(values)
-        ideal = plain_s * computed[label] / args.steps
-        print(f"| {method} | {label} | {computed[label]} / {args.steps} | {seconds:.3f} | "
-              f"{plain_s / seconds:.2f}x | {ideal:.3f} | {seconds / ideal:.3f} |")
-    if computed:
-        label = next(iter(curves))
-        for method in ("magsdk", "diffusers"):
-            extra = (min(times[f"{method} | {label}"]) - plain_s) / args.steps * 1e6
-            print(f"# {method}: {extra:+.0f} us per transformer call over plain ({label})")
+    sizes = ["full"] if args.full else [s.strip() for s in args.sizes.split(",") if s.strip()]
+    modes = (args.modes or ("eager,compiled" if args.full else "eager")).split(",")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"# device={args.device} ({device_name}) dtype={args.dtype} steps={args.steps} rounds={args.rounds} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} magsdk={magsdk.__version__}")
+    rows: list[Row] = []
+    for size in sizes:
+        for mode in modes:
+            rows.extend(run_size(size, args, mode))
+    print(table(rows))
+    for size in sizes:
+        for mode in modes:
+            sub = [r for r in rows if r.size == size and r.mode == mode]
+            worse = [
+                f"{r.setting}: magsdk {r.median_s / r.ideal_s:.3f} vs diffusers {d.median_s / d.ideal_s:.3f}"
+                for r in sub if r.method == "magsdk"
+                for d in sub if d.method == "diffusers" and d.setting == r.setting
+                if r.median_s / r.ideal_s > d.median_s / d.ideal_s
+            ]
+            print(f"# {size}/{mode}: magsdk time/ideal <= diffusers' on "
+                  f"{3 - len(worse)} of 3 settings" + (f" (not on {'; '.join(worse)})" if worse else ""))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,6 +15,7 @@ from magsdk.curves import CurveSource
 from magsdk.errors import BlockLayoutError, UsageError
 from magsdk.patching import Patches
 from magsdk.ratios import SkipPlan, plan_source
+from magsdk.schedules import timesteps_from_scheduler
 from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.session import CacheSession, eager, schedule_info
@@ -73,10 +74,15 @@ class MagCacheHandle:
         """The schedule this handle follows for a ``num_steps`` run of ``branch`` (the runtime's own rule).
 
         ``module`` names the pipeline's transformer (``transformer_2`` for Wan 2.2's second expert) and
-        ``first_step`` the first step it runs.
+        ``first_step`` the first step it runs. Without ``timesteps``, a curve that recorded its schedule is
+        mapped onto what the handle's scheduler gives a ``num_steps`` run.
         """
         if self.curves is None:
             raise UsageError("a calibration handle does not skip; it has no plan")
+        if timesteps is None and self.scheduler is not None and self.curves.uses_schedules():
+            # what this handle's own scheduler gives a num_steps run (set up as the pipeline did last time)
+            passed = self.sessions[0].set_timesteps_kwargs if self.sessions else {}
+            timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
         return plan_source(
             self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
             first_step=first_step,

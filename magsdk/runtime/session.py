@@ -259,8 +259,10 @@ class CacheSession:
 
     def _store(self, call: ActiveCall, head_in: torch.Tensor, head_out: Any, tail_out: Any) -> None:
         stack = self.stack
-        stack.head_io.observe(head_out)
-        stack.tail_io.observe(tail_out)
+        if stack.head_io.shape is None or stack.tail_io.shape is None:
+            stack.head_io.observe(head_out)
+            stack.tail_io.observe(tail_out)
+            stack.share_shapes()
         tail_hidden = stack.tail_io.extract_hidden(tail_out)
         residual = self.strategy.compute_residual(tail_hidden, head_in, stack.tail_io.metadata)
         if head_in.ndim >= 2:

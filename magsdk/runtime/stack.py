@@ -7,10 +7,12 @@ the call returns or raises:
 
 - **compute**: the real blocks, with the first and last wrapped in an ``_Edge`` that records the
   first block's hidden input and the last block's output — what the residual needs;
-- **skip**: the first list holds a single ``_Skip`` module that returns the first block's output
-  format built from ``input + cached residual``; every other hooked list is empty. No block is
-  entered, none of their hooks fire, and the residual is added exactly once (docs/design.md,
-  "Skipping").
+- **skip**: the first block's place holds a ``_Skip`` module that returns the first block's output
+  format built from ``input + cached residual``; every other block's place holds a ``_Pass``
+  module that returns its inputs in that block's output format. No block is entered, none of their
+  hooks fire, and the residual is added exactly once. The lists keep their length, so the model's
+  own code between blocks (``zip`` of interleaved lists, per-block ControlNet residuals, reshapes)
+  runs as it does under diffusers' pass-through hooks (docs/design.md, "Skipping").
 
 The module tree is unchanged between calls (state dicts, ``.to()``, offloading hooks see the real
 blocks). The per-call cost is a handful of dict assignments. Under ``torch.compile`` the two
@@ -48,10 +50,24 @@ class CallGate:
         self.head_input = self.head_output = self.tail_output = self.residual = None
 
 
-class _Edge(torch.nn.Module):
-    """Runs the first and/or last block of the stack and records what the residual needs."""
+class _Stand(torch.nn.Module):
+    """Stands in a block list for one call; anything else the model reads of it comes from the real block.
+
+    Model code reads blocks' attributes outside the loop too (DiT: ``self.transformer_blocks[0].norm1``).
+    """
 
     block: torch.nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["block"], name)
+
+
+class _Edge(_Stand):
+    """Runs the first and/or last block of the stack and records what the residual needs."""
+
     io: BlockIO
     gate: CallGate
 
@@ -77,15 +93,16 @@ class _Edge(torch.nn.Module):
         return output
 
 
-class _Skip(torch.nn.Module):
+class _Skip(_Stand):
     """Stands in for the whole block stack on a skipped call: ``input + residual``, once."""
 
     io: BlockIO
     gate: CallGate
     strategy: MagCacheStrategy
 
-    def __init__(self, io: BlockIO, gate: CallGate, strategy: MagCacheStrategy) -> None:
+    def __init__(self, head: torch.nn.Module, io: BlockIO, gate: CallGate, strategy: MagCacheStrategy) -> None:
         super().__init__()
+        object.__setattr__(self, "block", head)
         object.__setattr__(self, "io", io)
         object.__setattr__(self, "gate", gate)
         object.__setattr__(self, "strategy", strategy)
@@ -97,6 +114,21 @@ class _Skip(torch.nn.Module):
             raise BlockLayoutError(f"{io.label}: a skipped call has no cached residual to apply")
         hidden = self.strategy.apply_residual(io.read_hidden(args, kwargs), residual, io.metadata)
         return io.passthrough(hidden, io.read_encoder(args, kwargs))
+
+
+class _Pass(_Stand):
+    """Stands in for a block on a skipped call: its inputs, in its output format (the identity)."""
+
+    io: BlockIO
+
+    def __init__(self, block: torch.nn.Module, io: BlockIO) -> None:
+        super().__init__()
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "io", io)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        io = self.io
+        return io.passthrough(io.read_hidden(args, kwargs), io.read_encoder(args, kwargs))
 
 
 Blocks = Sequence[tuple[str, torch.nn.Module, BlockMetadata]]
@@ -148,18 +180,26 @@ class BlockStack:
         }
         if not self.single:
             edges[id(tail)] = _Edge(tail, self.tail_io, gate, head=False, tail=True)
-        skip_stub = _Skip(self.head_io, gate, strategy)
-        for position, modules in enumerate(self.originals):
+        metadata = {id(module): (path, meta) for path, module, meta in blocks}
+        skip_stub = _Skip(head, self.head_io, gate, strategy)
+        #: Per block list, the BlockIO of its pass-through (output shapes shared from the edge blocks once seen).
+        self.pass_ios: list[tuple[BlockIO, BlockIO | None]] = []
+        for modules in self.originals:
             self.compute.append({key: edges.get(id(module), module) for key, module in modules.items()})
-            if position == 0:
-                first_key = next(iter(modules))
-                if modules[first_key] is not head:
-                    raise BlockLayoutError(
-                        f"the first hooked block {self.paths[0]} is not the first entry of its block list"
-                    )
-                self.skip.append({first_key: skip_stub})
-            else:
-                self.skip.append({})
+            first = next(iter(modules.values()))
+            path, meta = metadata.get(id(first), (self.paths[0], self.head_io.metadata))
+            io = BlockIO(first, meta, path.rsplit(".", 1)[0])
+            members = list(modules.values())
+            shape_from = self.head_io if head in members else self.tail_io if tail in members else None
+            self.pass_ios.append((io, shape_from))
+            stub = _Pass(first, io)
+            self.skip.append({key: skip_stub if module is head else stub for key, module in modules.items()})
+
+    def share_shapes(self) -> None:
+        """Once the edge blocks' outputs were seen, the pass-throughs of their lists build the same containers."""
+        for io, source in self.pass_ios:
+            if io.shape is None and source is not None and source.shape is not None:
+                io.shape = source.shape
 
     def enter(self, skip: bool) -> None:
         """Put the call's layout into the block lists (undone by ``leave``)."""
