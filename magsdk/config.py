@@ -15,6 +15,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from magsdk.planner import (
+    PLANNER_MAX_SKIP_STEPS,
+    PLANNER_RETENTION_RATIO,
+    budget_bounds,
+    budget_from_speedup,
+    config_constraints,
+    largest_speedup,
+)
+
 #: Branch name used when a curve applies to every branch (a plain list of ratios).
 DEFAULT_BRANCH = "default"
 
@@ -192,6 +201,10 @@ class MagCacheConfig(BaseModel):
     timesteps: list[float] | None = None
     #: The schedule the curve was measured on (filled from a CalibrationResult).
     schedule: ScheduleInfo | None = None
+    #: Budget mode: compute exactly this many steps per branch in every run (the threshold is unused).
+    compute_steps: int | None = None
+    #: Budget mode: compute ``N / speedup`` of a run's N steps (rounded half up, clamped to [1, N]).
+    speedup: float | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -238,6 +251,72 @@ class MagCacheConfig(BaseModel):
                 "mag_ratios is required unless calibrate=True or auto_calibrate=True; run `magsdk.calibrate(model)`, "
                 "use a registered strategy (magsdk.enable(pipe) with no config), or let magsdk measure the curve on "
                 "the first generation: magsdk.enable(pipe, auto_calibrate=True)"
+            )
+        return self
+
+    @field_validator("compute_steps", mode="after")
+    @classmethod
+    def _check_compute_steps(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(
+                f"compute_steps={value} must be >= 1: it counts the steps computed per branch (step 0 always is)"
+            )
+        return value
+
+    @field_validator("speedup", mode="after")
+    @classmethod
+    def _check_speedup(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value >= 1.0):
+            raise ValueError(
+                f"speedup={value!r} is not a finite number >= 1; it is N / (steps computed), so 1 computes every "
+                "step and 2 computes half of them (or use compute_steps=B for an exact count)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> MagCacheConfig:
+        """Budget settings exclude each other and calibration; an explicit step count is checked now.
+
+        ``max_skip_steps`` / ``retention_ratio`` count as constraints only when the user set them
+        (``model_fields_set``); otherwise the planner chooses them. The feasibility of a budget
+        depends on the run's step count, so without ``num_inference_steps`` it is checked per run
+        by ``magsdk.planner.plan_budget``.
+        """
+        if self.compute_steps is None and self.speedup is None:
+            return self
+        if self.compute_steps is not None and self.speedup is not None:
+            raise ValueError(
+                f"compute_steps={self.compute_steps} and speedup={self.speedup:g} both set a budget; "
+                "give only one of them"
+            )
+        field = "compute_steps" if self.compute_steps is not None else "speedup"
+        if self.calibrate:
+            raise ValueError(f"{field} sets a compute budget, but calibrate=True runs every step; drop one of them")
+        n = self.num_inference_steps
+        if n is None:
+            return self
+        if self.compute_steps is not None and self.compute_steps > n:
+            raise ValueError(
+                f"compute_steps={self.compute_steps} is more than num_inference_steps={n}; use at most {n}"
+            )
+        budget = self.compute_steps if self.compute_steps is not None else budget_from_speedup(n, self.speedup or 1.0)
+        k, r = config_constraints(self)
+        least = budget_bounds(
+            n, PLANNER_MAX_SKIP_STEPS if k is None else k, PLANNER_RETENTION_RATIO if r is None else r
+        )[0]
+        if budget < least:
+            named = (("max_skip_steps", k), ("retention_ratio", r))
+            given = [f"{name}={value:g}" for name, value in named if value is not None]
+            under = " and ".join(given) if given else f"runs of at most {PLANNER_MAX_SKIP_STEPS} skips"
+            if field == "compute_steps":
+                ask, fix = f"compute_steps={budget}", f"use compute_steps >= {least}"
+            else:
+                ask = f"speedup={self.speedup:g} ({budget} of {n} steps)"
+                fix = f"use speedup <= {largest_speedup(n, least)}"
+            loosen = ", or loosen or unset " + " / ".join(name for name, value in named if value is not None)
+            raise ValueError(
+                f"{ask} cannot be met in num_inference_steps={n} under {under}: the smallest feasible budget is "
+                f"{least} computed steps; {fix}" + (loosen if given else "")
             )
         return self
 
