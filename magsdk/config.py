@@ -29,6 +29,7 @@ DEFAULT_BRANCH = "default"
 
 OutputKind = Literal["tensor", "tuple", "list", "dict", "dataclass"]
 ResampleMode = Literal["auto", "timesteps", "index"]
+ReuseMode = Literal["auto", "residual", "scaled", "forecast"]
 FusedOrder = Literal["text_image", "image_text"]
 
 
@@ -174,6 +175,9 @@ class CalibrationResult(BaseModel):
 class MagCacheConfig(BaseModel):
     """User-facing settings. ``mag_ratios`` is normalised to ``{branch: curve}``.
 
+    Without ``mag_ratios`` the config holds settings only: ``magsdk.enable`` then takes the curves of the
+    transformer's strategy (its variant's defaults fill the settings left unset).
+
     A plain list applies to every branch (stored under ``"default"``); a dict maps branch names
     (diffusers' ``cache_context`` names, or ``pass0``/``pass1`` for unnamed CFG passes) to their
     own curves; a ``CalibrationResult`` contributes its ``norm_ratios`` per branch.
@@ -205,6 +209,17 @@ class MagCacheConfig(BaseModel):
     compute_steps: int | None = None
     #: Budget mode: compute ``N / speedup`` of a run's N steps (rounded half up, clamped to [1, N]).
     speedup: float | None = None
+    #: What a skipped step adds to the first block's input: ``"residual"`` the last computed residual (MagCache as
+    #: published, diffusers' parity), ``"scaled"`` that residual times the curve's accumulated ratio, ``"forecast"``
+    #: a first-order extrapolation from the last two computed residuals (two residuals kept per branch).
+    #: ``"auto"``: forecast in budget mode (its planner is tuned for it), the plain residual with a threshold.
+    reuse: ReuseMode = "auto"
+
+    def effective_reuse(self) -> str:
+        """The reuse mode a run follows (``"auto"`` resolved)."""
+        if self.reuse != "auto":
+            return self.reuse
+        return "forecast" if self.compute_steps is not None or self.speedup is not None else "residual"
 
     @model_validator(mode="before")
     @classmethod
@@ -243,16 +258,6 @@ class MagCacheConfig(BaseModel):
         if not value:
             raise ValueError("mag_ratios is an empty dict; give at least one branch curve")
         return {name: _check_curve(f"mag_ratios[{name!r}]", curve) for name, curve in value.items()}
-
-    @model_validator(mode="after")
-    def _ratios_or_calibrate(self) -> MagCacheConfig:
-        if self.mag_ratios is None and not self.calibrate and not self.auto_calibrate:
-            raise ValueError(
-                "mag_ratios is required unless calibrate=True or auto_calibrate=True; run `magsdk.calibrate(model)`, "
-                "use a registered strategy (magsdk.enable(pipe) with no config), or let magsdk measure the curve on "
-                "the first generation: magsdk.enable(pipe, auto_calibrate=True)"
-            )
-        return self
 
     @field_validator("compute_steps", mode="after")
     @classmethod

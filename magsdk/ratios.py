@@ -26,6 +26,8 @@ from magsdk.curves import (
     retention_steps,
     select_branch_curve,
 )
+from magsdk.errors import UsageError
+from magsdk.planner import BudgetPlan, config_budget, config_constraints, plan_budget, recommended_error_model
 
 _F32 = np.float32
 
@@ -80,10 +82,20 @@ def decide(
     return False, FRESH
 
 
-class BranchSchedule:
-    """One branch's decisions in one run: the curve it follows and its running accumulator."""
+Constraints = tuple[int | None, float | None]
+"""``(max_skip_steps, retention_ratio)`` the user set explicitly; None where the budget planner chooses."""
 
-    def __init__(self, curve: MappedCurve, config: MagCacheConfig, start: int = 0) -> None:
+
+class BranchSchedule:
+    """One branch's decisions in one run: the curve it follows and its running accumulator.
+
+    Threshold mode decides call by call (MagCache's rule). Budget mode (``compute_steps`` /
+    ``speedup``) plans the run's computed steps once, when the branch starts, with
+    ``magsdk.planner.plan_budget``; then it looks them up.
+    """
+
+    def __init__(self, curve: MappedCurve, config: MagCacheConfig, start: int = 0,
+                 constraints: Constraints | None = None) -> None:
         self.curve = curve
         self.config = config
         self.acc = FRESH
@@ -94,9 +106,29 @@ class BranchSchedule:
         self._restart_until = start
         if start > 0 and curve.values is not None:
             self._restart_until = start + retention_steps(config.retention_ratio, len(curve.values) - start)
+        self.budget: BudgetPlan | None = None
+        self.planned: frozenset[int] | None = None
+        if config.compute_steps is not None or config.speedup is not None:
+            self._plan_budget(constraints if constraints is not None else config_constraints(config))
+
+    def _plan_budget(self, constraints: Constraints) -> None:
+        values = self.curve.values
+        if values is None:
+            raise UsageError(
+                "compute_steps / speedup plan a whole run, so they need its step count: run on a pipeline (its "
+                "scheduler says), or pass scheduler= to magsdk.enable, or MagCacheConfig(num_inference_steps=N)"
+            )
+        budget = config_budget(self.config, len(values))
+        assert budget is not None
+        k, r = constraints
+        self.budget = plan_budget(values, budget, max_skip_steps=k, retention_ratio=r,
+                                  error_model=recommended_error_model(self.config.effective_reuse()))
+        self.planned = frozenset(self.budget.computed_steps)
 
     def should_skip(self, step: int, timestep: float | None, has_residual: bool) -> bool:
         """Decide one call (and advance the accumulator). ``timestep`` is needed only for online curves."""
+        if self.planned is not None:
+            return has_residual and step not in self.planned and not self.config.calibrate
         curve = self.curve
         if curve.values is not None:
             scale = curve.values[step] if step < len(curve.values) else 1.0
@@ -113,6 +145,16 @@ class BranchSchedule:
             self._previous_t = timestep
         skip, self.acc = decide(self.acc, scale, retained, self.config, has_residual)
         return skip
+
+    def growth(self, since: int, step: int) -> float:
+        """The curve's accumulated ratio from the computed step ``since`` to ``step`` (for ``reuse="scaled"``)."""
+        values = self.curve.values
+        if values is None:
+            return self.acc.ratio
+        product = 1.0
+        for i in range(since + 1, min(step, len(values) - 1) + 1):
+            product *= values[i]
+        return product
 
 
 class SkipPlan(BaseModel):
@@ -134,6 +176,10 @@ class SkipPlan(BaseModel):
     out_of_range: list[float] = []
     #: Leading steps always computed (the retention window, by index or by noise level); None when online.
     retained_steps: int | None = None
+    #: Budget mode: the steps computed per branch asked for (the threshold is then unused).
+    budget: int | None = None
+    #: What a skipped step reuses: residual, scaled or forecast.
+    reuse: str = "residual"
 
     @property
     def ideal_speedup(self) -> float:
@@ -169,6 +215,7 @@ def plan(
     """
     if isinstance(mag_ratios, MagCacheConfig):
         config, mag_ratios = mag_ratios, None
+    constraints = config_constraints(config)  # what the user set, before the config is rebuilt below
     if mag_ratios is not None:
         values = config.model_dump(exclude={"mag_ratios", "timesteps", "schedule", "calibrate"})
         config = MagCacheConfig(**values, mag_ratios=mag_ratios)
@@ -176,7 +223,8 @@ def plan(
     if source is None:
         raise ValueError("plan() needs a curve: pass mag_ratios or a config that has them")
     return plan_source(
-        source, config, num_steps, branch, position=position, timesteps=timesteps, module=module, first_step=first_step
+        source, config, num_steps, branch, position=position, timesteps=timesteps, module=module, first_step=first_step,
+        constraints=constraints,
     )
 
 
@@ -190,6 +238,7 @@ def plan_source(
     timesteps: Sequence[float] | None = None,
     module: str = "transformer",
     first_step: int = 0,
+    constraints: Constraints | None = None,
 ) -> SkipPlan:
     """``plan`` for a curve source with several calibrations (a strategy's), exactly as the runtime.
 
@@ -212,7 +261,7 @@ def plan_source(
         stamps: list[float | None] = [float(t) for t in timesteps]
     else:
         stamps = [None] * num_steps
-    schedule = BranchSchedule(mapped, config, start=first_step)
+    schedule = BranchSchedule(mapped, config, start=first_step, constraints=constraints)
     computed: list[int] = []
     skipped: list[int] = []
     has_residual = False
@@ -221,18 +270,21 @@ def plan_source(
         (skipped if skip else computed).append(step)
         has_residual = has_residual or not skip
     curve = mapped.values if mapped.values is not None else []
+    budget = schedule.budget
     return SkipPlan(
         num_steps=num_steps,
         threshold=config.threshold,
-        max_skip_steps=config.max_skip_steps,
-        retention_ratio=config.retention_ratio,
+        max_skip_steps=config.max_skip_steps if budget is None else budget.max_skip_steps,
+        retention_ratio=config.retention_ratio if budget is None else budget.retention_ratio,
         computed_steps=computed,
         skipped_steps=skipped,
         curve=curve,
         branch=branch,
         mapping=mapped.how,
         out_of_range=list(mapped.out_of_range),
-        retained_steps=mapped.retention_steps,
+        retained_steps=mapped.retention_steps if budget is None else retention_steps(budget.retention_ratio, num_steps),
+        budget=None if budget is None else budget.budget,
+        reuse=config.effective_reuse(),
     )
 
 

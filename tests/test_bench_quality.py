@@ -80,3 +80,18 @@ def test_quick_transfer_run_compares_mapped_index_and_native(tmp_path: Path) -> 
             assert math.isfinite(row[name]["psnr_db"]) and row[name]["total_calls"] == 2 * row["steps"]
         assert isinstance(row["meets_goal"], bool)
     assert bench.SECTION_TRANSFER in out.read_text()
+
+
+@pytest.mark.slow
+def test_quick_budget_run_compares_the_planner_with_the_best_threshold(tmp_path: Path) -> None:
+    bench = load_tool()
+    out, data = tmp_path / "bench.md", tmp_path / "bench.json"
+    assert bench.main(["--budget", "--quick", "--prompts", "2", "--steps", "12", "--out", str(out),
+                       "--json", str(data)]) == 0
+    (row,) = json.loads(data.read_text())["budget"]
+    assert row["budget"] == 6
+    for mode in ("residual", "scaled", "forecast"):
+        assert row[f"planner {mode}"]["computed_calls"] == 2 * 6  # exactly the budget, both CFG branches
+    for mode in ("residual", "forecast"):
+        assert row[f"threshold {mode}"]["computed_calls"] <= 2 * 6
+    assert bench.SECTION_BUDGET in out.read_text()

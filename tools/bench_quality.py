@@ -2,6 +2,7 @@
 
     python tools/bench_quality.py                            # quality sweep: rewrites its section of docs/benchmarks.md
     python tools/bench_quality.py --transfer                 # schedule transfer: its own section
+    python tools/bench_quality.py --budget                   # compute budgets: planner vs threshold rule
     python tools/bench_quality.py --quick --out /tmp/b.md    # CI-sized run (a few points per method)
 
 Every method generates the same prompts and seeds, in one process, as one batched pipeline call
@@ -55,6 +56,7 @@ from magsdk.reference.metrics import psnr, ssim  # noqa: E402
 Attach = Callable[[], Callable[[], None]]  # attaches a cache, returns the function that removes it
 SECTION_QUALITY = "## Quality vs speed on the reference model"
 SECTION_TRANSFER = "## Calibrate once, run on any schedule: transfer on the reference model"
+SECTION_BUDGET = "## Compute budgets: the planner against the threshold rule"
 CALIBRATION_SEED = 1000  # not among the evaluation seeds
 
 
@@ -159,12 +161,22 @@ def magsdk_calibration(pipe: Any, steps: int, prompts: list[str]) -> magsdk.Cali
 
 def attach_magsdk(
     pipe: Any, ratios: Any, threshold: float, k: int, retention: float, per_branch: bool = False,
-    resample: str = "auto",
+    resample: str = "auto", reuse: str = "auto",
 ) -> Attach:
     def attach() -> Callable[[], None]:
         handle = magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=ratios, threshold=threshold,
                                                           max_skip_steps=k, retention_ratio=retention,
-                                                          per_branch_curves=per_branch, resample=resample))
+                                                          per_branch_curves=per_branch, resample=resample,
+                                                          reuse=reuse))
+        return handle.disable
+
+    return attach
+
+
+def attach_budget(pipe: Any, ratios: Any, budget: int, reuse: str = "auto") -> Attach:
+    """magsdk's budget planner: exactly ``budget`` computed steps per branch (K and retention its own choice)."""
+    def attach() -> Callable[[], None]:
+        handle = magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=ratios, compute_steps=budget, reuse=reuse))
         return handle.disable
 
     return attach
@@ -247,6 +259,10 @@ class Sweep:
     dbcache_thresholds: list[float]
     #: Also run magsdk with one curve per CFG branch (``per_branch_curves=True``), to show why the default shares one.
     per_branch_rows: bool = True
+    #: Budgets (computed steps per branch) for magsdk's planner with forecast reuse (its "auto" in budget mode).
+    planner_budgets: list[int] = field(default_factory=list)
+    #: Thresholds for magsdk with forecast reuse at (K=3, r=0.2): the best reuse mode on the threshold rule.
+    forecast_thresholds: list[float] = field(default_factory=list)
 
 
 FULL = Sweep(
@@ -256,10 +272,12 @@ FULL = Sweep(
     fbc_thresholds=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
     taylor_intervals=[2, 3, 4, 6, 8, 12],
     dbcache_thresholds=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
+    planner_budgets=[26, 24, 22, 20, 18, 16, 14, 12, 10, 8],
+    forecast_thresholds=[0.02, 0.06, 0.15, 0.4, 1.0],
 )
 QUICK = Sweep(
     magsdk_thresholds=[0.06, 0.24], mag_series=[(3, 0.2)], fbc_thresholds=[0.1], taylor_intervals=[3],
-    dbcache_thresholds=[0.1], per_branch_rows=False,
+    dbcache_thresholds=[0.1], per_branch_rows=False, planner_budgets=[6],
 )
 
 
@@ -288,6 +306,12 @@ def sweep(bench: Bench, plan: Sweep, steps: int) -> tuple[list[Point], str | Non
                 pipe, lambda th=th, k=k, r=retention: DiffusersMagCacheConfig(
                     mag_ratios=d_ratios, threshold=th, max_skip_steps=k, retention_ratio=r, num_inference_steps=steps,
                 ))))
+    for budget in plan.planner_budgets:
+        points.append(bench.point("magsdk planner (forecast)", "compute_steps", budget, steps,
+                                  attach_budget(pipe, calibration, budget)))
+    for th in plan.forecast_thresholds:
+        points.append(bench.point("magsdk forecast (K=3, r=0.2)", "threshold", th, steps,
+                                  attach_magsdk(pipe, calibration, th, 3, 0.2, reuse="forecast")))
     for th in plan.fbc_thresholds:
         points.append(bench.point("diffusers FirstBlockCache", "threshold", th, steps,
                                   attach_diffusers(pipe, lambda th=th: FirstBlockCacheConfig(threshold=th))))
@@ -362,6 +386,94 @@ def transfer_goal(mapped: Point, native: Point) -> bool:
     close_quality = mapped.psnr_db >= native.psnr_db - 0.5
     better = mapped.psnr_db >= native.psnr_db and mapped.computed_calls <= native.computed_calls
     return (close_calls and close_quality) or better
+
+
+# -- budgets -----------------------------------------------------------------------------------------
+BUDGETS = [18, 14, 10, 8]
+QUICK_BUDGETS = [6]
+THRESHOLD_GRID = [round(0.005 * 1.2 ** i, 5) for i in range(40)]  # 0.005 .. ~6.6, geometric
+K_GRID, R_GRID = (2, 3, 4, 5, 6), (0.1, 0.2)
+
+
+def threshold_schedules(calibration: magsdk.CalibrationResult, steps: int) -> list[tuple[float, int, float, int]]:
+    """Every distinct schedule the threshold rule makes on this curve: (threshold, K, retention, computed steps)."""
+    seen: dict[str, tuple[float, int, float, int]] = {}
+    for k in K_GRID:
+        for r in R_GRID:
+            for th in THRESHOLD_GRID:
+                config = magsdk.MagCacheConfig(mag_ratios=calibration, threshold=th, max_skip_steps=k,
+                                               retention_ratio=r)
+                p = magsdk.plan(None, config, steps)
+                seen.setdefault(p.schedule_string(), (th, k, r, len(p.computed_steps)))
+    return list(seen.values())
+
+
+def sweep_budget(bench: Bench, steps: int, quick: bool) -> list[dict[str, Any]]:
+    """Per budget B: the planner with each reuse mode, against the best threshold setting computing <= B steps."""
+    pipe = bench.pipe
+    calibration = magsdk_calibration(pipe, steps, bench.prompts)
+    schedules = threshold_schedules(calibration, steps)
+    print(f"{len(schedules)} distinct threshold schedules; uncached {bench.baseline(steps)[1]:.2f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for budget in QUICK_BUDGETS if quick else BUDGETS:
+        row: dict[str, Any] = {"budget": budget}
+        for reuse in ("residual", "scaled", "forecast"):
+            row[f"planner {reuse}"] = bench.point(f"magsdk planner ({reuse})", "compute_steps", budget, steps,
+                                                  attach_budget(pipe, calibration, budget, reuse))
+        fitting = sorted((c for c in schedules if c[3] <= budget), key=lambda c: -c[3])
+        near = [c for c in fitting if c[3] >= budget - 2] or fitting[:1]
+        for reuse in ("residual", "forecast"):
+            searched = [(c, bench.point(f"threshold search ({reuse})", "threshold", c[0], steps,
+                                        attach_magsdk(pipe, calibration, c[0], c[1], c[2], reuse=reuse), repeats=1))
+                        for c in near]
+            (th, k, r, _), _ = max(searched, key=lambda item: item[1].psnr_db)
+            row[f"threshold {reuse}"] = bench.point(f"magsdk threshold {th:g}/{k}/{r:g} ({reuse})", "threshold", th,
+                                                    steps, attach_magsdk(pipe, calibration, th, k, r, reuse=reuse))
+            row[f"threshold {reuse} setting"] = f"{th:g}/{k}/{r:g}"
+            row[f"threshold {reuse} searched"] = len(near)
+        rows.append(row)
+    return rows
+
+
+def render_budget(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [SECTION_BUDGET, ""]
+    lines.append(f"Command: `{meta['command']}` ({meta['seconds']:.0f} s on {meta['machine']}, {meta['date']}).")
+    lines.append("")
+    lines.append(
+        f"Reference model, {meta['steps']} steps, true CFG, {meta['images']} images. *planner*: "
+        "`MagCacheConfig(compute_steps=B)` — exactly B computed steps per branch, chosen by magsdk's planner "
+        "(dynamic programming over the calibrated curve; K and retention its own choice), with each reuse mode. "
+        "*best threshold*: MagCache's threshold rule, the best PSNR among the distinct schedules that compute at "
+        f"most B steps and at least B − 2 (thresholds {THRESHOLD_GRID[0]:g}–{THRESHOLD_GRID[-1]:g}, K "
+        f"{K_GRID[0]}–{K_GRID[-1]}, retention {' / '.join(f'{r:g}' for r in R_GRID)}), with plain and forecast "
+        "reuse. Wall speedup: median of paired rounds; one above the call ratio is marked *(noise)*."
+    )
+    lines.append("")
+    lines.append("| budget | method | calls | wall speedup | PSNR dB | SSIM |")
+    lines.append("|---:|---|---:|---:|---:|---:|")
+    verdicts = []
+    for row in rows:
+        for key, label in (("planner residual", "planner, plain reuse"), ("planner scaled", "planner, scaled reuse"),
+                           ("planner forecast", "planner, forecast reuse (default in budget mode)"),
+                           ("threshold residual", f"best threshold {row['threshold residual setting']}, plain reuse"),
+                           ("threshold forecast", f"best threshold {row['threshold forecast setting']}, forecast")):
+            p = row[key]
+            lines.append(f"| {row['budget']} | {label} | {p.computed_calls}/{p.total_calls} | "
+                         f"{p.speedup:.2f}x{noise_flag(p)} | {p.psnr_db:.2f} | {p.ssim:.4f} |")
+        exact = all(row[f"planner {m}"].computed_calls == 2 * row["budget"] for m in ("residual", "scaled", "forecast"))
+        plain = row["planner residual"].psnr_db - row["threshold residual"].psnr_db
+        best = row["planner forecast"].psnr_db - row["threshold residual"].psnr_db
+        verdicts.append(f"B={row['budget']}: {'exact' if exact else '**not exact**'}; planner vs best threshold "
+                        f"(both plain) {plain:+.2f} dB, planner+forecast vs best threshold {best:+.2f} dB")
+    lines.append("")
+    met = sum(1 for row in rows if row["planner forecast"].psnr_db >= row["threshold residual"].psnr_db)
+    met_plain = sum(1 for row in rows if row["planner residual"].psnr_db >= row["threshold residual"].psnr_db)
+    lines.append(f"**Findings (computed from the table above).** The planner computed exactly its budget at "
+                 f"{sum('exact;' in v for v in verdicts)} of {len(rows)} budgets. With its default (forecast) reuse "
+                 f"its PSNR is at or above the best threshold setting's at {met} of {len(rows)} budgets; with plain "
+                 f"reuse on both sides at {met_plain} of {len(rows)}. " + "; ".join(verdicts) + ".")
+    lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -548,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size: few prompts, one point per peer")
     parser.add_argument("--transfer", action="store_true", help="the schedule-transfer table instead of the sweep")
+    parser.add_argument("--budget", action="store_true", help="the compute-budget table instead of the sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG (default: docs/img/bench-quality.png; none with --quick)")
@@ -571,12 +684,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     points: list[Point] = []
     transfer: list[dict[str, Any]] = []
+    budgets: list[dict[str, Any]] = []
     dit_reason: str | None = None
     with quiet():
         pipe = load_reference_pipeline(args.model)
         bench = Bench(pipe, DEFAULT_PROMPTS[:n_prompts], seeds, repeats)
         if args.transfer:
             transfer = sweep_transfer(bench, steps, args.quick)
+        elif args.budget:
+            budgets = sweep_budget(bench, steps, args.quick)
         else:
             points, dit_reason = sweep(bench, QUICK if args.quick else FULL, steps)
     reference, base_seconds = bench.baseline(steps)
@@ -591,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.transfer:
         section = render_transfer(transfer, meta)
         write_section(args.out, SECTION_TRANSFER, section)
+    elif args.budget:
+        section = render_budget(budgets, meta)
+        write_section(args.out, SECTION_BUDGET, section)
     else:
         plot_path = args.plot
         if plot_path is None and not args.quick:
@@ -605,8 +724,11 @@ def main(argv: list[str] | None = None) -> int:
         section = render_quality(points, dit_reason, meta, plot_ref)
         write_section(args.out, SECTION_QUALITY, section)
     if args.json is not None:
-        rows = [{k: asdict(v) if isinstance(v, Point) else v for k, v in row.items()} for row in transfer]
-        payload = {"meta": meta, "points": [asdict(p) for p in points], "transfer": rows, "cache_dit": dit_reason}
+        def plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{k: asdict(v) if isinstance(v, Point) else v for k, v in row.items()} for row in rows]
+
+        payload = {"meta": meta, "points": [asdict(p) for p in points], "transfer": plain(transfer),
+                   "budget": plain(budgets), "cache_dit": dit_reason}
         atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
     print(section)
     return 0

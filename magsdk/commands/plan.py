@@ -76,6 +76,11 @@ def plan_command(
     threshold: float | None = typer.Option(None, help="Accumulated-error threshold (default: strategy's)."),
     max_skip_steps: int | None = typer.Option(None, "--max-skip-steps", "-k", help="K: max consecutive skips."),
     retention_ratio: float | None = typer.Option(None, "--retention-ratio", help="Fraction of first steps kept."),
+    compute_steps: int | None = typer.Option(
+        None, "--compute-steps", help="Budget mode: compute exactly this many steps (the threshold is unused).",
+    ),
+    speedup: float | None = typer.Option(None, "--speedup", help="Budget mode: compute steps / SPEEDUP of the steps."),
+    reuse: str | None = typer.Option(None, "--reuse", help="What a skip reuses: auto, residual, scaled, forecast."),
     as_json: bool = typer.Option(False, "--json", help="Print the SkipPlan(s) as JSON."),
     resample: str = typer.Option(
         "auto", "--resample", help="Curve mapping: auto (through recorded timesteps when present), timesteps, index.",
@@ -87,7 +92,8 @@ def plan_command(
     given = {
         name: value
         for name, value in (("threshold", threshold), ("max_skip_steps", max_skip_steps),
-                            ("retention_ratio", retention_ratio))
+                            ("retention_ratio", retention_ratio), ("compute_steps", compute_steps),
+                            ("speedup", speedup), ("reuse", reuse))
         if value is not None
     }
     check_cache_settings(given)  # before any strategy loads
@@ -116,15 +122,19 @@ def plan_command(
         run_timesteps = timesteps_for(table.schedule, steps)  # as plan_source would rebuild them
     shown = branches if config.per_branch_curves else branches[:1]
     plans = {
-        branch: plan_source(curve_source, config, steps, branch, position=i, timesteps=run_timesteps)
+        branch: plan_source(curve_source, config, steps, branch, position=i, timesteps=run_timesteps,
+                            constraints=(max_skip_steps, retention_ratio))
         for i, branch in enumerate(shown)
     }
     if as_json:
         typer.echo(json.dumps({b: p.model_dump() for b, p in plans.items()}, indent=2))
         return
     console = make_console()
-    table_view = Table(title=f"MagCache plan: {source}, {steps} steps, threshold={config.threshold}, "
-                       f"K={config.max_skip_steps}, retention={config.retention_ratio}")
+    head = next(iter(plans.values()))
+    rule = (f"threshold={config.threshold}, K={config.max_skip_steps}, retention={config.retention_ratio}"
+            if head.budget is None else
+            f"budget {head.budget} computed steps (K={head.max_skip_steps}, retention={head.retention_ratio:g})")
+    table_view = Table(title=f"MagCache plan: {source}, {steps} steps, {rule}, reuse {head.reuse}")
     for column in ("branch", "computed", "skipped", "ideal speedup", "schedule (C = compute, . = skip)"):
         table_view.add_column(column, no_wrap=column.startswith("schedule"))
     for branch, p in plans.items():

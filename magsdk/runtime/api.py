@@ -14,13 +14,14 @@ from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, Ma
 from magsdk.curves import CurveSource
 from magsdk.errors import BlockLayoutError, UsageError
 from magsdk.patching import Patches
-from magsdk.ratios import SkipPlan, plan_source
-from magsdk.schedules import timesteps_from_scheduler
+from magsdk.planner import config_constraints
+from magsdk.ratios import Constraints, SkipPlan, plan_source
 from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.runtime.steps import scheduler_probe
+from magsdk.schedules import timesteps_from_scheduler
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
@@ -55,6 +56,8 @@ class MagCacheHandle:
         self.pending: list[Any] = []
         #: Per transformer: where its block metadata came from (strategy, given, registry or inferred).
         self.metadata_sources: dict[str, str] = {}
+        #: The budget planner's constraints as the user set them (None: from the config's own fields).
+        self.constraints: Constraints | None = None
 
     @property
     def blocks(self) -> list[str]:
@@ -85,7 +88,7 @@ class MagCacheHandle:
             timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
         return plan_source(
             self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
-            first_step=first_step,
+            first_step=first_step, constraints=self.constraints,
         )
 
     def reset(self) -> None:
@@ -311,6 +314,8 @@ def _attach(
     patches = Patches("magsdk.enable")
     pending: list[Any] = []  # first-call tracers waiting for their call
     sources: dict[str, str] = {}
+    # the budget planner's constraints as the user set them, before strategy defaults fill the config
+    constraints = config_constraints(config) if config is not None else None
     strategy: MagCacheStrategy | None = None
     resolved_config: MagCacheConfig | None = None
     curves: CurveSource | None = None
@@ -349,7 +354,8 @@ def _attach(
             strategy = _resolve_strategy(transformer, strategy_source, meta, pipeline=target)
             resolved_config, curves = _config_and_curves(strategy, config)
             session = _new_session(
-                transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler
+                transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler,
+                constraints=constraints,
             )
             sessions.append(session)
     except BaseException:
@@ -361,6 +367,7 @@ def _attach(
         raise
     assert strategy is not None and resolved_config is not None
     handle = handle_cls(sessions, stats, resolved_config, strategy, patches, curves)
+    handle.constraints = constraints
     handle.pending = pending
     handle.metadata_sources = sources
     handle.scheduler = scheduler
@@ -375,9 +382,16 @@ def _attach(
 def _config_and_curves(
     strategy: MagCacheStrategy, config: MagCacheConfig | None
 ) -> tuple[MagCacheConfig, CurveSource | None]:
-    """The settings a session runs with, and every calibration it may choose a curve from."""
-    if config is None:
-        resolved = strategy.run_config()  # the recognised variant's settings and curves
+    """The settings a session runs with, and every calibration it may choose a curve from.
+
+    A config without ``mag_ratios`` (settings only, e.g. ``MagCacheConfig(speedup=2)``) runs on the strategy's
+    curves; the strategy's (variant's) defaults fill the settings it leaves unset.
+    """
+    if config is None or (config.mag_ratios is None and not config.calibrate and not config.auto_calibrate):
+        if config is not None and not strategy.calibrations and not strategy.variants:
+            return config, None
+        given = {} if config is None else {name: getattr(config, name) for name in config.model_fields_set}
+        resolved = strategy.run_config(**given)  # the recognised variant's settings and curves
         entries = strategy.calibration_entries()
         return resolved, (CurveSource.from_entries(entries, resolved) if entries else None)
     return config, CurveSource.from_config(config)
@@ -393,6 +407,7 @@ def _new_session(
     *,
     stats: CacheStats,
     scheduler: Any,
+    constraints: Constraints | None = None,
 ) -> CacheSession:
     paths: tuple[str, ...] = strategy.block_groups
     if isinstance(metadata, InspectionReport):
@@ -426,6 +441,7 @@ def _new_session(
         name=name,
         probe=scheduler_probe(scheduler) if scheduler is not None else None,
         auto=auto,
+        constraints=constraints,
     )
 
 

@@ -27,7 +27,7 @@ from magsdk.conventions import TIMESTEP_ARGUMENT_NAMES
 from magsdk.curves import CurveSource, RunSchedule
 from magsdk.errors import BlockLayoutError
 from magsdk.patching import Patches
-from magsdk.ratios import BranchSchedule
+from magsdk.ratios import BranchSchedule, Constraints
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.layout import ArgumentReader, forward_parameters
 from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Reducer, merge_runs
@@ -52,6 +52,10 @@ class BranchState:
     schedule: BranchSchedule | None
     residual: torch.Tensor | None = None
     recorder: BranchRecorder | None = None
+    #: The step ``residual`` was computed at, and (``reuse="forecast"`` only) the residual before it.
+    residual_step: int = -1
+    previous: torch.Tensor | None = None
+    previous_step: int = -1
 
 
 @dataclass
@@ -89,9 +93,13 @@ class CacheSession:
         name: str = "transformer",
         probe: SchedulerProbe | None = None,
         auto: AutoCalibration | None = None,
+        constraints: Constraints | None = None,
     ) -> None:
         self.transformer = transformer
         self.config = config
+        #: The budget planner's constraints as the user set them (None: read the config's own fields).
+        self.constraints = constraints
+        self.reuse = config.effective_reuse()
         #: Whether the generation in flight records a calibration instead of skipping.
         self.calibrating = config.calibrate
         self.auto = auto
@@ -221,9 +229,22 @@ class CacheSession:
             skip = state.schedule.should_skip(position.step, decision_t, state.residual is not None)
         call = ActiveCall(position, state, skip, timestep, argument)
         if skip:
-            self.stack.gate.residual = state.residual
+            self.stack.gate.residual = self._reused(state, position.step)
         self.stack.enter(skip)
         return call
+
+    def _reused(self, state: BranchState, step: int) -> torch.Tensor | None:
+        """What a skipped step adds: the last residual, scaled by the curve, or extrapolated from the last two."""
+        residual = state.residual
+        if residual is None or self.reuse == "residual":
+            return residual
+        if self.reuse == "forecast":
+            if state.previous is None or state.residual_step <= state.previous_step:
+                return residual
+            weight = (step - state.residual_step) / (state.residual_step - state.previous_step)
+            return torch.lerp(state.previous, residual, 1.0 + weight)  # r_c + w · (r_c − r_p)
+        assert state.schedule is not None
+        return residual * state.schedule.growth(state.residual_step, step)
 
     @eager
     def after_call(self, call: ActiveCall) -> None:
@@ -270,7 +291,9 @@ class CacheSession:
         state = call.state
         if state.recorder is not None:
             state.recorder.add(residual, state.residual, call.argument_timestep)
-        state.residual = residual
+        if self.reuse == "forecast":
+            state.previous, state.previous_step = state.residual, state.residual_step
+        state.residual, state.residual_step = residual, call.position.step
 
     def _auto_decide(self, position: CallPosition) -> None:
         """After a generation's first call: cache with a known curve, or go on measuring this generation."""
@@ -308,7 +331,8 @@ class CacheSession:
             )
         logger.debug("magsdk: %s branch %s follows the %s", self.name, position.branch, mapped.how)
         self.stats.note_curve(self.name, position.branch, mapped.how)
-        return BranchState(schedule=BranchSchedule(mapped, self.config, start=max(position.step, 0)))
+        schedule = BranchSchedule(mapped, self.config, start=max(position.step, 0), constraints=self.constraints)
+        return BranchState(schedule=schedule)
 
     def _check_online_range(self, low: float, high: float, timestep: float | None) -> None:
         if timestep is None:

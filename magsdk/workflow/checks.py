@@ -15,6 +15,9 @@ FLAGS: dict[str, str] = {
     "threshold": "--threshold",
     "max_skip_steps": "--max-skip-steps/-k",
     "retention_ratio": "--retention-ratio",
+    "compute_steps": "--compute-steps",
+    "speedup": "--speedup",
+    "reuse": "--reuse",
 }
 
 
@@ -25,4 +28,6 @@ def check_cache_settings(given: Mapping[str, Any], flags: Mapping[str, str] = FL
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
+        if not field:  # a check across fields (two budgets at once): pydantic's message names them
+            raise UsageError(str(err["msg"]).removeprefix("Value error, ")) from exc
         raise UsageError(f"{flags.get(field, field)} {given.get(field)!r}: {err['msg'].lower()}") from exc

@@ -1,0 +1,104 @@
+"""Budget mode (compute exactly B steps) and the reuse modes, in the runtime and in ``plan``: the same schedule."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tiny_models import denoise, tiny_flux
+
+import magsdk
+from magsdk.planner import InfeasibleBudgetError
+from strategies.flux import VARIANTS
+
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
+
+
+@pytest.fixture(scope="module")
+def flux() -> torch.nn.Module:
+    return tiny_flux()
+
+
+def run(model: torch.nn.Module, config: magsdk.MagCacheConfig, steps: int, cfg: bool = False
+        ) -> tuple[magsdk.MagCacheHandle, torch.Tensor]:
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    handle = magsdk.enable(model, config, scheduler=scheduler)  # the scheduler gives the run's step count
+    out = denoise(model, steps, cfg=cfg, scheduler=scheduler)
+    return handle, out
+
+
+@pytest.mark.parametrize("steps", [10, 28, 50])
+@pytest.mark.parametrize("k", [None, 3, 6])
+def test_a_budget_computes_exactly_that_many_steps_as_planned(flux, steps, k):
+    budget = max(steps // 3, 4)
+    settings = {} if k is None else {"max_skip_steps": k}
+    config = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, compute_steps=budget, **settings)
+    handle, _ = run(copy.deepcopy(flux), config, steps, cfg=True)
+    for position, branch in enumerate(("pass0", "pass1")):
+        computed = handle.stats.computed_steps(branch)
+        assert len(computed) == budget, (branch, computed)
+        assert computed == handle.plan(steps, branch, position=position).computed_steps
+        assert computed == magsdk.plan(None, config, steps, branch, position=position).computed_steps
+    runs = [b - a - 1 for a, b in zip(computed, [*computed[1:], steps], strict=True)]
+    assert max(runs) <= (6 if k is None else k)
+    plan = handle.plan(steps)
+    assert plan.budget == budget and plan.reuse == "forecast"  # "auto" reuse in budget mode
+
+
+def test_speedup_and_a_settings_only_config_use_the_strategy_curves(flux):
+    model = copy.deepcopy(flux)
+    handle, _ = run(model, magsdk.MagCacheConfig(speedup=2.0), 28)
+    assert len(handle.stats.computed_steps()) == 14
+    assert handle.config.mag_ratios == {"default": FLUX_RATIOS}  # flux.1-dev's curve
+    handle.disable()
+    handle, _ = run(model, magsdk.MagCacheConfig(threshold=0.1), 28)
+    assert handle.config.threshold == 0.1 and handle.config.max_skip_steps == 5  # the variant's K, the user's threshold
+
+
+def test_an_infeasible_budget_names_the_smallest_feasible_one(flux):
+    with pytest.raises(ValueError, match="smallest feasible budget is 11"):
+        magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, compute_steps=9, max_skip_steps=3, retention_ratio=0.2,
+                              num_inference_steps=28)
+    config = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, compute_steps=9, max_skip_steps=3, retention_ratio=0.2)
+    with pytest.raises(InfeasibleBudgetError, match="compute_steps >= 11"):
+        magsdk.plan(None, config, 28)
+    # a curve mapped online (timesteps of the argument only) on a bare transformer: the run's length is unknown
+    online = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, timesteps=[1 - i / 28 for i in range(28)], compute_steps=12)
+    model = copy.deepcopy(flux)
+    with magsdk.enable(model, online), pytest.raises(magsdk.UsageError, match="need its step count"):
+        denoise(model, 28)
+
+
+@pytest.mark.parametrize("reuse", ["residual", "scaled", "forecast"])
+def test_reuse_modes_change_what_a_skip_adds_not_which_steps_skip(flux, reuse):
+    settings = dict(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
+    base, base_out = run(copy.deepcopy(flux), magsdk.MagCacheConfig(**settings), 28)
+    handle, out = run(copy.deepcopy(flux), magsdk.MagCacheConfig(reuse=reuse, **settings), 28)
+    assert handle.stats.computed_steps() == base.stats.computed_steps()
+    assert torch.equal(out, base_out) == (reuse == "residual")
+
+
+def test_forecast_keeps_at_most_two_residuals_per_branch(flux):
+    model = tiny_flux(layers=2, single_layers=2, heads=2, head_dim=8)
+    side = 16
+    residual_bytes = side * side * 16 * 4
+
+    def held() -> int:
+        gc.collect()
+        return sum(t.untyped_storage().nbytes() for t in gc.get_objects()
+                   if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.device.type == "cpu"
+                   and t.numel() == side * side * 16)
+
+    before = held()
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, compute_steps=9),
+                           scheduler=FlowMatchEulerDiscreteScheduler())
+    scheduler = handle.scheduler
+    out = denoise(model, 28, side=side, cfg=True, scheduler=scheduler)
+    del out
+    assert handle.stats.skipped_calls > 0
+    assert held() - before <= 2 * 2 * residual_bytes  # two branches, two residuals each
+    handle.disable()
+    assert held() - before == 0
