@@ -128,7 +128,7 @@ class Bench:
             self.warmed.add(method)
             detach = attach()
             try:
-                generate(self.pipe, self.prompts[:1], self.seeds[:1], num_inference_steps=2)
+                generate(self.pipe, self.prompts[:1], self.seeds[:1], num_inference_steps=steps)
             finally:
                 detach()
         ratios, times = [], []
