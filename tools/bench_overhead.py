@@ -37,6 +37,9 @@ from diffusers.hooks import MagCacheConfig as DiffusersMagCacheConfig
 from diffusers.hooks import apply_mag_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docsection import write_section
 
 import magsdk
 from strategies.flux import VARIANTS
@@ -53,6 +56,19 @@ SIZES: dict[str, dict[str, Any]] = {
                  axes_dims_rope=(16, 56, 56)),
 }
 TOKENS = {"tiny": (16, 6), "mid": (1024, 64), "full": (4096, 512)}
+SECTION = "## Runtime cost and memory: plain vs magsdk vs diffusers' MagCache"
+SECTION_GPU = "## GPU: FLUX.1-dev architecture"
+DESCRIPTION = (
+    "The same FLUX denoising loop (FlowMatchEulerDiscreteScheduler, one transformer call per step) with no cache, "
+    "with magsdk and with diffusers' `apply_mag_cache`, for three settings of the published FLUX.1-dev curve: one "
+    "that skips nothing (K = 0: every decision is made, no step skipped — pure overhead), diffusers' defaults "
+    "0.06/3/0.2 and the MagCache repository's 0.24/5/0.1. *tiny*: 2 + 2 blocks on 16 image tokens (the blocks "
+    "cost little, so the table shows the per-call overhead); *mid*: 4 + 8 blocks, 128 wide, 1024 image + 64 "
+    "text tokens. Each time is the median of interleaved rounds after a warm-up; *ideal* is "
+    "`plain × computed / total`. A skipped step still runs the embeddings, final layer and scheduler, so "
+    "`time / ideal` above 1 is expected; the goal is magsdk's no larger than diffusers'. *retained*: memory "
+    "held between generations (tensors that are not parameters or buffers); *peak*: CUDA only."
+)
 SETTINGS = {
     "K=0 (skips nothing)": dict(threshold=0.06, max_skip_steps=0, retention_ratio=0.2),
     "0.06/3/0.2": dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2),
@@ -231,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); fewer = steadier timings")
     parser.add_argument("--modes", default=None, help="eager,compiled (default: eager; with --full both)")
     parser.add_argument("--json", type=Path, default=None, help="write every round's timings here")
+    parser.add_argument("--out", type=Path, default=None, help="write the tables as their section of a markdown file")
     args = parser.parse_args(argv)
     if args.rounds < 5:
         parser.error(f"--rounds {args.rounds}: medians need at least 5 rounds")
@@ -239,13 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     sizes = ["full"] if args.full else [s.strip() for s in args.sizes.split(",") if s.strip()]
     modes = (args.modes or ("eager,compiled" if args.full else "eager")).split(",")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"# device={args.device} ({device_name}) dtype={args.dtype} steps={args.steps} rounds={args.rounds} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__} magsdk={magsdk.__version__}")
+    started = time.perf_counter()
+    header = (f"device={args.device} ({device_name}) dtype={args.dtype} steps={args.steps} rounds={args.rounds} "
+              f"threads={torch.get_num_threads()} torch={torch.__version__} magsdk={magsdk.__version__}")
+    print("# " + header)
     rows: list[Row] = []
     for size in sizes:
         for mode in modes:
             rows.extend(run_size(size, args, mode))
-    print(table(rows))
+    body = table(rows)
+    verdicts = []
     for size in sizes:
         for mode in modes:
             sub = [r for r in rows if r.size == size and r.mode == mode]
@@ -255,8 +275,19 @@ def main(argv: list[str] | None = None) -> int:
                 for d in sub if d.method == "diffusers" and d.setting == r.setting
                 if r.median_s / r.ideal_s > d.median_s / d.ideal_s
             ]
-            print(f"# {size}/{mode}: magsdk time/ideal <= diffusers' on "
-                  f"{3 - len(worse)} of 3 settings" + (f" (not on {'; '.join(worse)})" if worse else ""))
+            verdicts.append(f"{size}/{mode}: magsdk's time / ideal <= diffusers' on {3 - len(worse)} of 3 settings"
+                            + (f" (not on {'; '.join(worse)})" if worse else ""))
+    print(body)
+    print("\n".join("# " + v for v in verdicts))
+    if args.out is not None:
+        command = "python tools/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        title = SECTION_GPU if args.device == "cuda" else SECTION
+        section = (
+            f"{title}\n\nCommand: `{command.strip()}` ({time.perf_counter() - started:.0f} s, "
+            f"{time.strftime('%Y-%m-%d')}; {header}).\n\n{DESCRIPTION}\n\n{body}\n\n**Findings (computed from the "
+            "table above).** " + "; ".join(verdicts) + ".\n"
+        )
+        write_section(args.out, title, section)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0

@@ -46,6 +46,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from docsection import write_section  # noqa: E402
 
 import magsdk  # noqa: E402
 from magsdk.config import atomic_write_text  # noqa: E402
@@ -599,18 +602,6 @@ def render_transfer(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  f"{max(mapped_gaps):+.2f} dB, index resampling {min(index_gaps):+.2f} to {max(index_gaps):+.2f} dB.")
     lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, header: str, section: str) -> None:
-    """Replace (or append) one ``## `` section, leaving the rest of the file byte for byte."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find(header)
-    if start < 0:
-        atomic_write_text(path, text.rstrip("\n") + "\n\n" + section)
-        return
-    nxt = re.search(r"^## ", text[start + len(header):], flags=re.MULTILINE)
-    end = start + len(header) + nxt.start() if nxt else len(text)
-    atomic_write_text(path, text[:start] + section + ("\n" + text[end:] if nxt else ""))
 
 
 def frontier(points: list[Point], speed: Callable[[Point], float]) -> list[Point]:
