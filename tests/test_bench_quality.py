@@ -71,7 +71,7 @@ def test_quick_run_has_a_row_per_method(tmp_path: Path) -> None:
 def test_quick_transfer_run_compares_mapped_index_and_native(tmp_path: Path) -> None:
     bench = load_tool()
     out, data = tmp_path / "bench.md", tmp_path / "bench.json"
-    assert bench.main(["--transfer", "--quick", "--prompts", "2", "--steps", "12", "--out", str(out),
+    assert bench.main(["--transfer", "--quick", "--prompts", "1", "--steps", "12", "--out", str(out),
                        "--json", str(data)]) == 0
     rows = json.loads(data.read_text())["transfer"]
     assert [r["target"] for r in rows] == ["14 steps", "28 steps, shift 3"]
@@ -86,7 +86,7 @@ def test_quick_transfer_run_compares_mapped_index_and_native(tmp_path: Path) -> 
 def test_quick_budget_run_compares_the_planner_with_the_best_threshold(tmp_path: Path) -> None:
     bench = load_tool()
     out, data = tmp_path / "bench.md", tmp_path / "bench.json"
-    assert bench.main(["--budget", "--quick", "--prompts", "2", "--steps", "12", "--out", str(out),
+    assert bench.main(["--budget", "--quick", "--prompts", "1", "--steps", "12", "--out", str(out),
                        "--json", str(data)]) == 0
     (row,) = json.loads(data.read_text())["budget"]
     assert row["budget"] == 6

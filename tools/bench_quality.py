@@ -424,7 +424,7 @@ def sweep_budget(bench: Bench, steps: int, quick: bool) -> list[dict[str, Any]]:
             row[f"planner {reuse}"] = bench.point(f"magsdk planner ({reuse})", "compute_steps", budget, steps,
                                                   attach_budget(pipe, calibration, budget, reuse))
         fitting = sorted((c for c in schedules if c[3] <= budget), key=lambda c: -c[3])
-        near = [c for c in fitting if c[3] >= budget - 2] or fitting[:1]
+        near = fitting[:1] if quick else ([c for c in fitting if c[3] >= budget - 2] or fitting[:1])
         for reuse in ("residual", "forecast"):
             searched = [(c, bench.point(f"threshold search ({reuse})", "threshold", c[0], steps,
                                         attach_magsdk(pipe, calibration, c[0], c[1], c[2], reuse=reuse), repeats=1))

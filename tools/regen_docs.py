@@ -13,14 +13,16 @@ hand. Blocks of slow or machine-dependent commands (``inspect``, ``scaffold``, `
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: Sub-commands whose output is a pure function of the repository (no model is loaded, no timing shown).
 REGENERATED = ("plan", "list", "export")
@@ -28,15 +30,28 @@ BLOCK = re.compile(r"^```[a-z]*\n(\$ magsdk (\S+)[^\n]*)\n(.*?)^```\n", re.MULTI
 
 
 def run(command: str) -> str:
-    args = shlex.split(command)[1:]  # drop "$"
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", TERM="dumb")
-    done = subprocess.run(
-        [sys.executable, "-c", "import sys; from magsdk.cli import main; sys.exit(main(sys.argv[1:]))", *args[1:]],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
-    )
-    output = done.stdout + done.stderr
-    if done.returncode != 0:
-        raise SystemExit(f"`{command[2:]}` failed with exit code {done.returncode}:\n{output}")
+    """The command's output, run in this process (one import of magsdk for all blocks)."""
+    from magsdk.cli import main
+
+    args = shlex.split(command)[2:]  # drop "$ magsdk"
+    saved = {key: os.environ.get(key) for key in ("COLUMNS", "NO_COLOR", "TERM")}
+    os.environ.update(COLUMNS="200", NO_COLOR="1", TERM="dumb")
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(args)
+    finally:
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    output = out.getvalue() + err.getvalue()
+    if code != 0:
+        raise SystemExit(f"`{command[2:]}` failed with exit code {code}:\n{output}")
     return output if output.endswith("\n") else output + "\n"
 
 
