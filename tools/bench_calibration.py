@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docsection import write_section
 
 import magsdk
 from magsdk.calibration.drivers import load_model, pipeline_call_kwargs, resolve_settings
@@ -94,7 +101,10 @@ def calibration_cost(
     }
 
 
-def main() -> None:
+SECTION = "## What calibration costs"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a diffusers pipeline folder")
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
@@ -102,14 +112,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="write the row as its section of a markdown file")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
     cost = calibration_cost(args.model, steps=args.steps, generations=args.generations, rounds=args.rounds,
                             device=args.device, dtype=args.dtype)
+    rows = [
+        "| model | K generations | uncached (s, median) | calibrated (s, median) | calibrated / uncached |",
+        "|---|---|---|---|---|",
+        f"| {cost['model']} | {cost['generations']} | {cost['uncached_median']:.3f} | "
+        f"{cost['calibrated_median']:.3f} | {cost['ratio']:.3f}x |",
+    ]
     print(f"settings: {cost['settings']}")
-    print("| model | K generations | uncached (s, median) | calibrated (s, median) | calibrated / uncached |")
-    print("|---|---|---|---|---|")
-    print(f"| {cost['model']} | {cost['generations']} | {cost['uncached_median']:.3f} | "
-          f"{cost['calibrated_median']:.3f} | {cost['ratio']:.3f}x |")
+    print("\n".join(rows))
+    if args.out is not None:
+        command = "python tools/bench_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        goal = "met" if cost["ratio"] <= 1.05 else "**not met**"
+        section = (
+            f"{SECTION}\n\nCommand: `{command.strip()}` ({time.perf_counter() - started:.0f} s, "
+            f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} threads).\n\n"
+            f"K generations inside `magsdk.calibrate` against the same K generations uncached, with the calls "
+            f"`magsdk scaffold` makes ({cost['settings']}); medians of {cost['rounds']} interleaved rounds after a "
+            f"warm-up. Goal: calibrated / uncached <= 1.05 ({goal}).\n\n" + "\n".join(rows) + "\n"
+        )
+        write_section(args.out, SECTION, section)
 
 
 if __name__ == "__main__":
