@@ -371,6 +371,12 @@ class BlockGroupReport(BaseModel):
     block_class: str
     count: int = Field(ge=1)
     metadata: BlockMetadata
+    #: Where ``magsdk.enable`` takes this group's conventions from, in its order of precedence: a strategy
+    #: registered for the transformer class, the ``TransformerBlockRegistry`` entry of the block class, or
+    #: (neither exists) the inference above, made again from the first real call.
+    source: Literal["strategy", "registry", "inferred"] = "inferred"
+    #: With a strategy or registry source: whether its metadata equals the inferred one (None: inferred).
+    agrees_with_inferred: bool | None = None
 
 
 #: What an inspection note is about. Consumers (codegen, the zoo, the runtime) decide from the code,

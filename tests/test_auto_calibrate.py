@@ -169,3 +169,30 @@ def test_a_user_registration_by_block_class_is_used(monkeypatch):
             assert handle.blocks[-1] == "single_transformer_blocks.1 (tail)"
     finally:
         magsdk.TransformerBlockRegistry.restore(snapshot)
+
+
+def test_inspect_reports_where_enable_takes_each_groups_conventions_from():
+    from magsdk.inspect import inspect_module
+    from tiny_models import flux_inputs
+
+    def report_of(model: torch.nn.Module) -> magsdk.InspectionReport:
+        inputs = flux_inputs(model)
+        inputs.update(hidden_states=torch.randn(1, 16, 4), timestep=torch.tensor([0.5]))
+        return inspect_module(model, (), inputs)
+
+    flux = report_of(tiny_flux())
+    assert [(g.source, g.agrees_with_inferred) for g in flux.block_groups] == [("strategy", True)] * 2
+
+    class Unregistered(FluxTransformer2DModel):
+        pass
+
+    model = tiny_flux()
+    model.__class__ = Unregistered
+    assert [(g.source, g.agrees_with_inferred) for g in report_of(model).block_groups] == [("registry", True)] * 2
+    snapshot = magsdk.TransformerBlockRegistry.snapshot()
+    try:
+        for name in ("FluxTransformerBlock", "FluxSingleTransformerBlock"):
+            magsdk.TransformerBlockRegistry._registry.pop(name, None)
+        assert [g.source for g in report_of(model).block_groups] == ["inferred", "inferred"]
+    finally:
+        magsdk.TransformerBlockRegistry.restore(snapshot)

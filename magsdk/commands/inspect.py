@@ -45,8 +45,13 @@ def print_report(report: InspectionReport) -> None:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("group, in execution order", overflow="fold")
     table.add_column("conventions: argument → output (output kind)", overflow="fold")
+    table.add_column("magsdk.enable takes them from", overflow="fold")
     for group in report.block_groups:
-        table.add_row(f"{group.path}\n  {group.count} × {group.block_class}", metadata_text(group.metadata))
+        source = {"strategy": "its strategy", "registry": "TransformerBlockRegistry", "inferred": "the first call"}[
+            group.source]
+        if group.agrees_with_inferred is not None:
+            source += " (agrees)" if group.agrees_with_inferred else " ([bold red]differs from the trace[/])"
+        table.add_row(f"{group.path}\n  {group.count} × {group.block_class}", metadata_text(group.metadata), source)
     console.print(table)
     console.print(f"head block: [bold]{report.head}[/]   tail block: [bold]{report.tail}[/]   "
                   f"timestep argument: {report.timestep_argument_name or '-'}", highlight=False)

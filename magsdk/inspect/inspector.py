@@ -110,6 +110,28 @@ def inputs_example(model: torch.nn.Module) -> str:
     )
 
 
+def with_metadata_sources(report: InspectionReport) -> InspectionReport:
+    """Say, per group, where ``magsdk.enable`` would take the conventions from and whether they agree.
+
+    The runtime prefers a strategy registered for the transformer class, then the block class's entry
+    in ``TransformerBlockRegistry``, then inference from the first call (docs/design.md, "Finding a
+    transformer's blocks"); a known entry that disagrees with what the trace shows is worth a look.
+    """
+    from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
+
+    strategy = StrategyRegistry.get(report.transformer)
+    groups = []
+    for group in report.block_groups:
+        known = strategy.block_metadata.get(group.block_class) if strategy is not None else None
+        source = "strategy" if known is not None else "inferred"
+        if known is None:
+            known = TransformerBlockRegistry.get(group.block_class)
+            source = "registry" if known is not None else "inferred"
+        agrees = None if known is None else known == group.metadata
+        groups.append(group.model_copy(update={"source": source, "agrees_with_inferred": agrees}))
+    return report.model_copy(update={"block_groups": groups})
+
+
 def inspect_module(
     model: torch.nn.Module,
     args: tuple[Any, ...] | list[Any] = (),
@@ -151,6 +173,7 @@ def inspect_module(
             ) from exc
         raise
     check_denoiser(report)
+    report = with_metadata_sources(report)
     return report.model_copy(update={"inputs": inputs, "seconds": round(time.perf_counter() - start, 3)})
 
 
