@@ -16,6 +16,8 @@ from magsdk.errors import BlockLayoutError, UsageError
 from magsdk.patching import Patches
 from magsdk.ratios import SkipPlan, plan_source
 from magsdk.registry import StrategyRegistry
+from magsdk.runtime import distributed
+from magsdk.runtime.distributed import GroupOption, Parallelism, ProcessGroup
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.runtime.steps import scheduler_probe
@@ -104,6 +106,8 @@ class CalibrationHandle(MagCacheHandle):
     """``with magsdk.calibrate(pipe) as cal: pipe(...)``; then ``cal.result`` is a ``CalibrationResult``."""
 
     result: CalibrationResult | None = None
+    #: The process groups it was given (data-parallel ranks gather their records in ``collect``).
+    parallelism: Parallelism | None = None
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -111,11 +115,14 @@ class CalibrationHandle(MagCacheHandle):
         try:
             if exc_type is None:
                 self.result = self.collect()
+            elif exc is not None:
+                distributed.abandon(self.parallelism, exc)  # the other ranks stop instead of waiting
         finally:
             self.disable()
 
     def collect(self) -> CalibrationResult:
         if not self.sessions:  # a traced transformer gets its session at its first call: there was none
+            distributed.abandon(self.parallelism, "this rank recorded no generation")
             raise BlockLayoutError("calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`")
         results = [s.calibration_result() for s in self.sessions]
         result = results[0]
@@ -141,14 +148,18 @@ def enable(
     metadata: MetadataSource | None = None,
     scheduler: Any = None,
     keep_generations: int = DEFAULT_KEEP_GENERATIONS,
+    parallel_group: GroupOption = "auto",
 ) -> MagCacheHandle:
     """Attach MagCache to a pipeline (anything with ``.transformer``) or a transformer module.
 
     With no config and no strategy, the strategy registered for the transformer's class is used.
     Enabling twice replaces the first session (never stacks hooks). ``keep_generations`` bounds the
-    per-call records in ``handle.stats`` (counters cover every generation).
+    per-call records in ``handle.stats`` (counters cover every generation). ``parallel_group``: the
+    ranks that run the transformer together; they check once per generation that they hold the same
+    plan ("auto": diffusers' context-parallel group, if any; docs/multi-gpu.md).
     """
-    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations)
+    parallelism = Parallelism.of(parallel_group)
+    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations, parallelism)
 
 
 def calibrate(
@@ -157,11 +168,23 @@ def calibrate(
     strategy: StrategySource | None = None,
     metadata: MetadataSource | None = None,
     scheduler: Any = None,
+    parallel_group: GroupOption = "auto",
+    data_group: ProcessGroup | None = None,
 ) -> CalibrationHandle:
-    """Record norm ratios, stds, cosine distances and timesteps per branch and step; never skips."""
+    """Record norm ratios, stds, cosine distances and timesteps per branch and step; never skips.
+
+    ``parallel_group``: the ranks that shard one sequence; their sums are reduced, so each gets the
+    whole sequence's curve ("auto": diffusers' context-parallel group, if any). ``data_group``: ranks
+    that run different prompts × seeds; every one of them gets the curve of all their generations.
+    Every rank of both groups must enter and leave the block (docs/multi-gpu.md).
+    """
     config = MagCacheConfig(calibrate=True)
-    handle = _attach(target, config, strategy, metadata, scheduler, CalibrationHandle, DEFAULT_KEEP_GENERATIONS)
+    parallelism = Parallelism.of(parallel_group, data_group)
+    handle = _attach(
+        target, config, strategy, metadata, scheduler, CalibrationHandle, DEFAULT_KEEP_GENERATIONS, parallelism
+    )
     assert isinstance(handle, CalibrationHandle)
+    handle.parallelism = parallelism
     return handle
 
 
@@ -273,6 +296,7 @@ def _attach(
     scheduler: Any,
     handle_cls: type[MagCacheHandle],
     keep_generations: int,
+    parallelism: Parallelism | None = None,
 ) -> MagCacheHandle:
     transformers, pipe_scheduler = _transformers_of(target)
     scheduler = scheduler if scheduler is not None else pipe_scheduler
@@ -300,14 +324,16 @@ def _attach(
                     strategy, resolved_config = MagCacheStrategy(), config
                     curves = CurveSource.from_config(config)
                     factory = functools.partial(
-                        _new_session, transformer, name, strategy, config, curves, stats=stats, scheduler=scheduler
+                        _new_session, transformer, name, strategy, config, curves, stats=stats, scheduler=scheduler,
+                        parallelism=parallelism,
                     )
                     autotrace.trace_first_call(transformer, factory, sessions, pending)
                     continue
             strategy = _resolve_strategy(transformer, strategy_source, meta)
             resolved_config, curves = _config_and_curves(strategy, config)
             session = _new_session(
-                transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler
+                transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler,
+                parallelism=parallelism,
             )
             sessions.append(session)
     except BaseException:
@@ -349,6 +375,7 @@ def _new_session(
     *,
     stats: CacheStats,
     scheduler: Any,
+    parallelism: Parallelism | None = None,
 ) -> CacheSession:
     paths: tuple[str, ...] = strategy.block_groups
     if isinstance(metadata, InspectionReport):
@@ -356,7 +383,7 @@ def _new_session(
     blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
     if curves is None and not config.calibrate:
         raise BlockLayoutError(f"{type(transformer).__name__}: no curve to decide with; pass mag_ratios")
-    return CacheSession(
+    session = CacheSession(
         transformer,
         blocks,
         config,
@@ -366,6 +393,8 @@ def _new_session(
         name=name,
         probe=scheduler_probe(scheduler) if scheduler is not None else None,
     )
+    distributed.link(session, parallelism)
+    return session
 
 
 def _new_generation_on(set_timesteps: Any, handle: MagCacheHandle) -> Any:
