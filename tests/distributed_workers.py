@@ -1,7 +1,7 @@
 """What each of the 2 gloo processes of ``tests/test_distributed.py`` runs, and the single-process references.
 
-Every process is started with ``spawn``, pinned to one thread, and bounded twice: gloo's own
-collective timeout and the parent's deadline, after which it is killed.
+Every process is started with ``spawn``, pinned to one thread, and bounded by the parent's
+deadline, after which it is killed.
 
 On a CPU-only machine diffusers' ``enable_parallelism`` divides by ``torch.accelerator.device_count()``
 (0); the workers, and only they, patch it to return 1 so that diffusers' context parallelism runs on gloo.
@@ -10,7 +10,6 @@ On a CPU-only machine diffusers' ``enable_parallelism`` divides by ``torch.accel
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
 import multiprocessing
 import os
@@ -37,8 +36,6 @@ THRESHOLD = 0.1
 PROMPTS = ["a red circle", "a blue square", "two green lines", "a yellow star"]
 DP_SEEDS = 2
 DP_STEPS = 4
-#: gloo's timeout for one collective: a hang inside magsdk or diffusers fails after this.
-COLLECTIVE_TIMEOUT_S = 30
 
 
 # -- the single-process side (the references) ------------------------------------------------------
@@ -93,13 +90,16 @@ def references() -> dict[str, Any]:
 
 
 # -- the ranks ---------------------------------------------------------------------------------------
-def run_cli(rank: int, world: int, port: int, args: list[str]) -> dict[str, Any]:
-    """``python -m magsdk ARGS`` in this process, in the environment ``torchrun --nproc-per-node 2`` gives
-    its workers: the command initialises (and destroys) the process group itself."""
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
-           "LOCAL_RANK": str(rank), "MAGSDK_SKIP_MYPY": "1"}  # mypy on modules is tested elsewhere
-    os.environ.update(env)
+def torchrun_environment(rank: int, world: int, port: int) -> dict[str, str]:
+    """What ``torchrun --nproc-per-node WORLD`` sets for each worker (rank 0 hosts the store here)."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+            "LOCAL_RANK": str(rank)}
+
+
+def run_cli(args: list[str]) -> dict[str, Any]:
+    """``python -m magsdk ARGS`` in this process (its output captured), as a torchrun worker runs it."""
     argv, sys.argv = sys.argv, ["magsdk", *args]
+    os.environ["MAGSDK_SKIP_MYPY"] = "1"  # mypy on generated modules is tested elsewhere
     stdout = io.StringIO()
     started = time.monotonic()
     code: Any = None
@@ -110,8 +110,7 @@ def run_cli(rank: int, world: int, port: int, args: list[str]) -> dict[str, Any]
         code = exc.code
     finally:
         sys.argv = argv
-        for key in env:
-            del os.environ[key]
+        del os.environ["MAGSDK_SKIP_MYPY"]
     return {"code": code, "stdout": stdout.getvalue(), "seconds": time.monotonic() - started}
 
 
@@ -184,8 +183,13 @@ def _scenarios(rank: int) -> dict[str, Any]:
     return out
 
 
-def worker(rank: int, world: int, store: str, out_dir: str, port: int, cli_args: list[str]) -> None:
+def worker(rank: int, world: int, out_dir: str, port: int, cli_args: list[str]) -> None:
+    """One rank: the references alone, then, in the process group the CLI sets up from torchrun's
+    environment (one group for the process's life: gloo dislikes a group torn down while its peer
+    still holds one), the CLI and every scenario."""
     import torch.distributed as dist
+
+    from magsdk.runtime.distributed import launched_process_group
 
     torch.set_num_threads(1)
     torch.accelerator.device_count = lambda: 1  # CPU-only: see the module docstring (tests only)
@@ -195,15 +199,14 @@ def worker(rank: int, world: int, store: str, out_dir: str, port: int, cli_args:
     try:
         out["reference"] = references()  # this process alone: no group yet
         seconds["references"] = time.time()
-        out["cli"] = run_cli(rank, world, port, cli_args)
-        seconds["cli"] = time.time()
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        try:
+        os.environ.update(torchrun_environment(rank, world, port))
+        with launched_process_group("cpu") as size:
+            out["group"] = {"size": size, "backend": str(dist.get_backend())}
+            out["cli"] = run_cli(cli_args)  # the command finds the group and uses it as it is
+            seconds["cli"] = time.time()
             out.update(_scenarios(rank))
             seconds["scenarios"] = time.time()
-        finally:
-            dist.destroy_process_group()
+        out["group"]["destroyed"] = not dist.is_initialized()
     except BaseException:
         out["failed"] = traceback.format_exc()
     path.write_bytes(pickle.dumps(out))
@@ -219,9 +222,8 @@ def run_ranks(world: int, tmp: Path, deadline_s: float, cli_args: list[str]) -> 
     """Start ``world`` processes on ``worker`` and wait at most ``deadline_s``; kill whatever is left."""
     ctx = multiprocessing.get_context("spawn")
     tmp.mkdir(parents=True, exist_ok=True)
-    store, port = tmp / "store", free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, str(store), str(tmp), port, cli_args), daemon=True)
-             for r in range(world)]
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, str(tmp), port, cli_args), daemon=True) for r in range(world)]
     for proc in procs:
         proc.start()
     end = time.monotonic() + deadline_s

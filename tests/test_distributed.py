@@ -2,8 +2,9 @@
 
 One spawn of two ranks runs every scenario in ``distributed_workers`` in turn (starting
 processes is the expensive part). Each process first computes the single-process references,
-alone, before its process group exists. Each rank is bounded by gloo's collective timeout and by
-a deadline after which it is killed, so a hang fails the tests within minutes instead of stalling CI.
+alone, before its process group exists; then it sets the group up from torchrun's environment as
+``magsdk calibrate`` does. Each rank is killed at a deadline, so a hang fails the tests within
+minutes instead of stalling CI.
 """
 
 from __future__ import annotations
@@ -189,6 +190,18 @@ def test_data_parallel_calibration_equals_single_process(
         assert dp["schedule"] == alone["schedule"]
 
 
+def test_torchrun_device_must_leave_the_gpu_choice_to_each_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from magsdk.runtime.distributed import launched_process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(magsdk.UsageError, match=r"--device cuda:1: under torchrun every rank uses its own GPU"):
+        with launched_process_group("cuda:1"):
+            pass
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with launched_process_group("cuda:1") as size:  # one process: nothing to set up
+        assert size == 1 and not torch.distributed.is_initialized()
+
+
 def test_group_arguments_are_checked() -> None:
     model = tiny_flux()
     with pytest.raises(magsdk.UsageError, match="parallel_group='world'"):
@@ -201,11 +214,13 @@ def test_torchrun_calibrate_equals_single_process(
     ranks: list[dict[str, Any]], reference: dict[str, Any], cli_files: dict[str, Path]
 ) -> None:
     """``python -m magsdk calibrate`` in each of 2 processes with torchrun's environment (what
-    ``torchrun --nproc-per-node 2 -m magsdk calibrate ...`` runs, without the launcher): the command
-    sets up the group, splits the runs, and rank 0 alone reports and writes the single-process curve."""
+    ``torchrun --nproc-per-node 2 -m magsdk calibrate ...`` runs, without the launcher): the group the
+    command sets up (gloo on CPU, torn down at the end), the runs split, and rank 0 alone reporting and
+    writing the single-process curve."""
     from magsdk.codegen.patch import read_calibrations
 
     for rank, result in enumerate(ranks):
+        assert result["group"] == {"size": 2, "backend": "gloo", "destroyed": True}
         assert result["cli"]["code"] in (0, None), result["cli"]["stdout"][-3000:]
         print(f"rank {rank}: magsdk calibrate under torchrun's environment, {result['cli']['seconds']:.1f} s")
     assert ranks[0]["cli"]["stdout"].count("added the 4-step calibration") == 1

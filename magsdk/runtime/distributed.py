@@ -416,5 +416,6 @@ def launched_process_group(device: str | None) -> Iterator[int]:
     dist.init_process_group("nccl" if on_cuda else "gloo")
     try:
         yield world
+        dist.barrier()  # no rank tears its connections down while another still works (rank 0 writes)
     finally:
         dist.destroy_process_group()
