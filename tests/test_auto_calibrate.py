@@ -172,8 +172,9 @@ def test_a_user_registration_by_block_class_is_used(monkeypatch):
 
 
 def test_inspect_reports_where_enable_takes_each_groups_conventions_from():
-    from magsdk.inspect import inspect_module
     from tiny_models import flux_inputs
+
+    from magsdk.inspect import inspect_module
 
     def report_of(model: torch.nn.Module) -> magsdk.InspectionReport:
         inputs = flux_inputs(model)

@@ -48,6 +48,7 @@ from magsdk.calibration.settings import (
 from magsdk.config import CalibrationEntry, CalibrationResult
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.inspect.targets import load_file_module
+from magsdk.runtime import distributed
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
@@ -257,11 +258,16 @@ def pipeline_call_kwargs(pipe: Any, prompt: str, seed: int, call: Mapping[str, A
 def run_pipeline(
     pipe: Any, strategy: MagCacheStrategy, settings: CalibrationSettings, *, progress: bool = True
 ) -> CalibrationResult:
-    """Every prompt × seed through the pipeline inside one ``magsdk.calibrate`` (averaged there)."""
-    runs = [(p, s) for p in settings.prompts for s in seeds_of(settings.seeds)]
+    """Every prompt × seed through the pipeline inside one ``magsdk.calibrate`` (averaged there).
+
+    Under an initialised process group each rank runs its share of them and every rank gets the
+    curve of all (docs/multi-gpu.md).
+    """
+    group = distributed.data_parallel_group(pipe.transformer)
+    runs = distributed.shard([(p, s) for p in settings.prompts for s in seeds_of(settings.seeds)], group)
     steps = settings.steps
     with progress_bar(progress, f"calibrating {type(pipe.transformer).__name__}", len(runs)) as advance:
-        cal = magsdk.calibrate(pipe, strategy=strategy)
+        cal = magsdk.calibrate(pipe, strategy=strategy, data_group=group)
         with cal, torch.no_grad():
             for prompt, seed in runs:
                 try:
@@ -288,11 +294,13 @@ def run_driver(
     label: str,
     progress: bool = True,
 ) -> CalibrationResult:
-    """The user's driver once per seed, inside one ``magsdk.calibrate``."""
-    with progress_bar(progress, f"calibrating {type(transformer).__name__}", seeds) as advance:
-        cal = magsdk.calibrate(transformer, strategy=strategy)
+    """The user's driver once per seed, inside one ``magsdk.calibrate`` (seeds split across ranks)."""
+    group = distributed.data_parallel_group(transformer)
+    mine = distributed.shard(seeds_of(seeds), group)
+    with progress_bar(progress, f"calibrating {type(transformer).__name__}", len(mine)) as advance:
+        cal = magsdk.calibrate(transformer, strategy=strategy, data_group=group)
         with cal:
-            for seed in seeds_of(seeds):
+            for seed in mine:
                 try:
                     driver(transformer, steps, seed)
                 except MagSDKError:

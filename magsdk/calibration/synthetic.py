@@ -21,6 +21,7 @@ import torch
 import magsdk
 from magsdk.config import CalibrationResult
 from magsdk.errors import MagSDKError, UsageError
+from magsdk.runtime import distributed
 from magsdk.strategy import MagCacheStrategy
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -240,10 +241,12 @@ def run_synthetic(
             f"Pass your own with `{command} ... --inputs FILE.py:FUNC`, or calibrate with --driver FILE.py:FUNC."
         ) from exc
     shape: tuple[int, ...] = ()
-    with progress_bar(progress, f"calibrating {type(model).__name__} (synthetic)", seeds) as advance:
-        cal = magsdk.calibrate(model, strategy=strategy)
+    group = distributed.data_parallel_group(model)
+    mine = distributed.shard(seeds_of(seeds), group)
+    with progress_bar(progress, f"calibrating {type(model).__name__} (synthetic)", len(mine)) as advance:
+        cal = magsdk.calibrate(model, strategy=strategy, data_group=group)
         with cal:
-            for seed in seeds_of(seeds):
+            for seed in mine:
                 try:
                     shape = euler_generation(model, made, steps, seed)
                 except MagSDKError:

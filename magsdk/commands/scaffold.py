@@ -18,6 +18,7 @@ from magsdk.config import BlockMetadata, CalibrationEntry, InspectionReport, Mag
 from magsdk.conventions import metadata_text
 from magsdk.errors import UsageError
 from magsdk.ratios import plan
+from magsdk.runtime import distributed
 from magsdk.workflow.calibrate import CalibrateOutcome, calibrate_file
 from magsdk.workflow.common import CalibrationOptions
 from magsdk.workflow.scaffold import ScaffoldOptions, ScaffoldResult, run_scaffold
@@ -89,7 +90,10 @@ def scaffold_command(
         "it, or the cache file) instead of calibrating; --model is then optional.",
     ),
 ) -> None:
-    """Inspect a model, generate its strategy module, calibrate it, validate it, and write it."""
+    """Inspect a model, generate its strategy module, calibrate it, validate it, and write it.
+
+    Under torchrun the ranks split the calibration runs and rank 0 writes (docs/multi-gpu.md).
+    """
     prompt_list, prompt_source = _prompts(prompts)
     options = ScaffoldOptions(
         model=model, name=name, steps=steps, prompts=prompt_list, prompts_source=prompt_source, seeds=seeds,
@@ -98,8 +102,11 @@ def scaffold_command(
         invocation=invocation(),
     )
     quiet_library_progress()
-    result = run_scaffold(options, progress=console.is_terminal, log=_log)
-    print_scaffold_summary(result, options)
+    with distributed.launched_process_group(device):  # torchrun: each rank calibrates its share
+        main = distributed.is_main_process()
+        result = run_scaffold(options, progress=console.is_terminal and main, log=_log if main else _quiet)
+    if main:
+        print_scaffold_summary(result, options)
 
 
 def calibrate_command(
@@ -117,7 +124,10 @@ def calibrate_command(
     dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
     call_arg: Annotated[list[str] | None, typer.Option("--call-arg", help=CALL_ARG_HELP)] = None,
 ) -> None:
-    """Add or refresh the calibration for the run's step count in a strategy file; nothing else in it changes."""
+    """Add or refresh the calibration for the run's step count in a strategy file; nothing else in it changes.
+
+    Under torchrun the ranks split the calibration runs and rank 0 writes (docs/multi-gpu.md).
+    """
     prompt_list, prompt_source = _prompts(prompts)
     options = CalibrationOptions(
         model=model, steps=steps, prompts=prompt_list, prompts_source=prompt_source, seeds=seeds, driver=driver,
@@ -125,12 +135,20 @@ def calibrate_command(
         call_kwargs=_call_kwargs(call_arg), invocation=invocation(),
     )
     quiet_library_progress()
-    outcome = calibrate_file(strategy_file, options, progress=console.is_terminal, log=_log)
-    print_calibrate_summary(outcome, options)
+    with distributed.launched_process_group(device):  # torchrun: each rank calibrates its share
+        main = distributed.is_main_process()
+        outcome = calibrate_file(strategy_file, options, progress=console.is_terminal and main,
+                                 log=_log if main else _quiet)
+    if main:
+        print_calibrate_summary(outcome, options)
 
 
 def _log(line: str) -> None:
     console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0 under torchrun: rank 0 speaks for all."""
 
 
 # -- summaries --------------------------------------------------------------------------------------

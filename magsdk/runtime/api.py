@@ -17,7 +17,9 @@ from magsdk.patching import Patches
 from magsdk.planner import config_constraints
 from magsdk.ratios import Constraints, SkipPlan, plan_source
 from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
+from magsdk.runtime import distributed
 from magsdk.runtime.autocal import AutoCalibration
+from magsdk.runtime.distributed import GroupOption, Parallelism, ProcessGroup
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.runtime.steps import scheduler_probe
@@ -120,6 +122,8 @@ class CalibrationHandle(MagCacheHandle):
     """``with magsdk.calibrate(pipe) as cal: pipe(...)``; then ``cal.result`` is a ``CalibrationResult``."""
 
     result: CalibrationResult | None = None
+    #: The process groups it was given (data-parallel ranks gather their records in ``collect``).
+    parallelism: Parallelism | None = None
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -127,11 +131,14 @@ class CalibrationHandle(MagCacheHandle):
         try:
             if exc_type is None:
                 self.result = self.collect()
+            elif exc is not None:
+                distributed.abandon(self.parallelism, exc)  # the other ranks stop instead of waiting
         finally:
             self.disable()
 
     def collect(self) -> CalibrationResult:
         if not self.sessions:  # a traced transformer gets its session at its first call: there was none
+            distributed.abandon(self.parallelism, "this rank recorded no generation")
             raise BlockLayoutError("calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`")
         results = [s.calibration_result() for s in self.sessions]
         result = results[0]
@@ -158,6 +165,7 @@ def enable(
     scheduler: Any = None,
     keep_generations: int = DEFAULT_KEEP_GENERATIONS,
     auto_calibrate: bool = False,
+    parallel_group: GroupOption = "auto",
 ) -> MagCacheHandle:
     """Attach MagCache to a pipeline (anything with ``.transformer``) or a transformer module.
 
@@ -167,11 +175,16 @@ def enable(
     ``MagCacheConfig(auto_calibrate=True, ...)``) starts a model with no curve at all: its first
     generation at each step count and resolution is measured, later ones are cached.
     Enabling twice replaces the first session (never stacks hooks). ``keep_generations`` bounds the
-    per-call records in ``handle.stats`` (counters cover every generation).
+    per-call records in ``handle.stats`` (counters cover every generation). ``parallel_group``: the
+    ranks that run the transformer together; they check once per generation that they hold the same
+    plan ("auto": diffusers' context-parallel group, if any; docs/multi-gpu.md).
     """
     if auto_calibrate and config is not None and not config.auto_calibrate:
         config = config.model_copy(update={"auto_calibrate": True})
-    return _attach(target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations, auto_calibrate)
+    parallelism = Parallelism.of(parallel_group)
+    return _attach(
+        target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations, auto_calibrate, parallelism
+    )
 
 
 def calibrate(
@@ -180,11 +193,23 @@ def calibrate(
     strategy: StrategySource | None = None,
     metadata: MetadataSource | None = None,
     scheduler: Any = None,
+    parallel_group: GroupOption = "auto",
+    data_group: ProcessGroup | None = None,
 ) -> CalibrationHandle:
-    """Record norm ratios, stds, cosine distances and timesteps per branch and step; never skips."""
+    """Record norm ratios, stds, cosine distances and timesteps per branch and step; never skips.
+
+    ``parallel_group``: the ranks that shard one sequence; their sums are reduced, so each gets the
+    whole sequence's curve ("auto": diffusers' context-parallel group, if any). ``data_group``: ranks
+    that run different prompts × seeds; every one of them gets the curve of all their generations.
+    Every rank of both groups must enter and leave the block (docs/multi-gpu.md).
+    """
     config = MagCacheConfig(calibrate=True)
-    handle = _attach(target, config, strategy, metadata, scheduler, CalibrationHandle, DEFAULT_KEEP_GENERATIONS)
+    parallelism = Parallelism.of(parallel_group, data_group)
+    handle = _attach(
+        target, config, strategy, metadata, scheduler, CalibrationHandle, DEFAULT_KEEP_GENERATIONS, False, parallelism
+    )
     assert isinstance(handle, CalibrationHandle)
+    handle.parallelism = parallelism
     return handle
 
 
@@ -306,6 +331,7 @@ def _attach(
     handle_cls: type[MagCacheHandle],
     keep_generations: int,
     auto_calibrate: bool = False,
+    parallelism: Parallelism | None = None,
 ) -> MagCacheHandle:
     transformers, pipe_scheduler = _transformers_of(target)
     scheduler = scheduler if scheduler is not None else pipe_scheduler
@@ -345,7 +371,8 @@ def _attach(
                     strategy, resolved_config = MagCacheStrategy(), config
                     curves = CurveSource.from_config(config)
                     factory = functools.partial(
-                        _new_session, transformer, name, strategy, config, curves, stats=stats, scheduler=scheduler
+                        _new_session, transformer, name, strategy, config, curves, stats=stats, scheduler=scheduler,
+                        parallelism=parallelism,
                     )
                     autotrace.trace_first_call(transformer, factory, sessions, pending)
                     continue
@@ -355,7 +382,7 @@ def _attach(
             resolved_config, curves = _config_and_curves(strategy, config)
             session = _new_session(
                 transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler,
-                constraints=constraints,
+                constraints=constraints, parallelism=parallelism,
             )
             sessions.append(session)
     except BaseException:
@@ -408,6 +435,7 @@ def _new_session(
     stats: CacheStats,
     scheduler: Any,
     constraints: Constraints | None = None,
+    parallelism: Parallelism | None = None,
 ) -> CacheSession:
     paths: tuple[str, ...] = strategy.block_groups
     if isinstance(metadata, InspectionReport):
@@ -431,7 +459,7 @@ def _new_session(
             f"{type(transformer).__name__}: no curve to decide with; pass MagCacheConfig(mag_ratios=...), a calibrated "
             "strategy, or auto_calibrate=True"
         )
-    return CacheSession(
+    session = CacheSession(
         transformer,
         blocks,
         config,
@@ -443,6 +471,8 @@ def _new_session(
         auto=auto,
         constraints=constraints,
     )
+    distributed.link(session, parallelism)
+    return session
 
 
 def registry_metadata(transformer: torch.nn.Module) -> dict[str, BlockMetadata] | None:

@@ -33,6 +33,10 @@ class BranchRunRecord:
     timesteps: list[float | None]
 
 
+#: Gathers the per-generation records of every rank that calibrated other inputs (None: one process).
+Gatherer = Callable[[list[dict[str, BranchRunRecord]]], list[dict[str, BranchRunRecord]]]
+
+
 @dataclass
 class BranchRecorder:
     """Per-step sums of one branch during one generation (tensors until ``finish``)."""

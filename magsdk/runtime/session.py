@@ -29,8 +29,9 @@ from magsdk.errors import BlockLayoutError
 from magsdk.patching import Patches
 from magsdk.ratios import BranchSchedule, Constraints
 from magsdk.runtime.autocal import AutoCalibration
+from magsdk.runtime.distributed import PlanGuard
 from magsdk.runtime.layout import ArgumentReader, forward_parameters
-from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Reducer, merge_runs
+from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Gatherer, Reducer, merge_runs
 from magsdk.runtime.stack import BlockStack
 from magsdk.runtime.stats import CacheStats, CallRecord
 from magsdk.runtime.steps import CallPosition, SchedulerProbe, StepTracker
@@ -118,6 +119,10 @@ class CacheSession:
         self.calibration_runs: list[dict[str, BranchRunRecord]] = []
         #: Reduces calibration sums across the processes that shard one sequence (context parallelism).
         self.sequence_reducer: Reducer | None = None
+        #: Gathers the records of the ranks that calibrate other prompts (data parallelism).
+        self.run_gatherer: Gatherer | None = None
+        #: Checks once per generation that the ranks sharing this transformer hold the same plan.
+        self.plan_guard: PlanGuard | None = None
         self.image_tokens: int | None = None
         #: The scheduler's timesteps of the last calibrated generation.
         self.calibrated_schedule: list[float] | None = None
@@ -205,6 +210,8 @@ class CacheSession:
                 self.calibrating, self._auto_pending = True, True
             if self.calibrating and self.tracker.uses_scheduler:
                 self._generation_schedule = self.tracker.run_timesteps()
+            if self.plan_guard is not None:
+                self.plan_guard.check(self, position)  # one small collective (docs/multi-gpu.md)
         state = self.branches.get(position.branch)
         if state is None:
             state = self._new_branch_state(position)
@@ -415,11 +422,12 @@ class CacheSession:
         """Mean curve per branch over the generations seen, with the spread across them."""
         self._finish_calibration_run()
         self.branches.clear()
-        if not self.calibration_runs:
+        runs = self.calibration_runs if self.run_gatherer is None else self.run_gatherer(self.calibration_runs)
+        if not runs:
             raise BlockLayoutError(
                 "calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`"
             )
-        branches = merge_runs(self.calibration_runs)
+        branches = merge_runs(runs)
         return CalibrationResult(branches=branches, transformer=type(self.transformer).__name__)
 
 

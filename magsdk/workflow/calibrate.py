@@ -17,6 +17,7 @@ from magsdk.codegen.render import default_module_name
 from magsdk.codegen.validate import import_from_path, isolated_registry, strategies_in, validate_strategy_text
 from magsdk.config import CalibrationEntry, CalibrationResult, atomic_write_text
 from magsdk.errors import UsageError
+from magsdk.runtime import distributed
 from magsdk.workflow.common import (
     CalibrationOptions,
     Log,
@@ -86,6 +87,13 @@ def calibrate_file(
     result, entry, settings = calibrate_loaded(
         loaded, strategy_cls(), options, command=COMMAND, log=log, progress=progress
     )
+    if not distributed.is_main_process():  # every rank holds the same result; rank 0 writes it
+        return CalibrateOutcome(
+            path=path, strategy_class=strategy_cls.__name__, transformer_cls_name=strategy_cls.transformer_cls_name,
+            calibration=result, entry=entry, settings=settings, replaced=False, threshold=strategy_cls.threshold,
+            max_skip_steps=strategy_cls.max_skip_steps, retention_ratio=strategy_cls.retention_ratio,
+            mypy="not run on this rank",
+        )
 
     current = path.read_text(encoding="utf-8")  # the user may have saved edits while we calibrated
     replaced = any(e.get("num_steps") == entry.num_steps for e in read_calibrations(current, path.name))

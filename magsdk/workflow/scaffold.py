@@ -23,6 +23,7 @@ from magsdk.codegen.render import StrategySpec, check_module_name, render_strate
 from magsdk.codegen.validate import isolated_registry, load_strategy, validate_strategy_text
 from magsdk.config import CalibrationEntry, CalibrationResult, InspectionReport, atomic_write_text
 from magsdk.errors import MagSDKError, UsageError
+from magsdk.runtime import distributed
 from magsdk.strategy import MagCacheStrategy
 from magsdk.workflow.common import (
     CalibrationOptions,
@@ -173,6 +174,13 @@ def _finish(
     settings: CalibrationSettings | None,
 ) -> ScaffoldResult:
     report, path = prepared.report, prepared.module_path
+    if not distributed.is_main_process():  # every rank holds the same result; rank 0 writes it
+        return ScaffoldResult(
+            module_path=path, test_path=None, strategy_class=prepared.spec.class_name,
+            transformer_cls_name=report.transformer, calibration=result, report=report, entry=entry,
+            settings=settings, threshold=strategy_cls.threshold, max_skip_steps=strategy_cls.max_skip_steps,
+            retention_ratio=strategy_cls.retention_ratio, notes=prepared.notes, mypy="not run on this rank",
+        )
     final = merge_calibrations(prepared.skeleton, prepared.existing, entry, path.name)
     check = validate_strategy_text(final, path.name, expected_transformer=report.transformer)
     atomic_write_text(path, final)
@@ -206,10 +214,11 @@ def _write_skeleton(prepared: _Prepared, options: ScaffoldOptions) -> None:
     text = prepared.skeleton
     for old in prepared.existing.entries:  # earlier calibrations are never lost
         text = upsert_calibration(text, old, path.name)
-    validate_strategy_text(text, path.name, expected_transformer=spec.transformer_cls_name)
-    atomic_write_text(path, text)
-    if prepared.test_path is not None and prepared.test_text is not None:
-        atomic_write_text(prepared.test_path, prepared.test_text)
+    if distributed.is_main_process():
+        validate_strategy_text(text, path.name, expected_transformer=spec.transformer_cls_name)
+        atomic_write_text(path, text)
+        if prepared.test_path is not None and prepared.test_text is not None:
+            atomic_write_text(prepared.test_path, prepared.test_text)
     rerun = command_line("magsdk", "calibrate", str(path), "--model", str(options.model), options=options)
     raise MagSDKError(
         f"wrote {path} without a calibration: the inspection reports a block layout the runtime cannot "
