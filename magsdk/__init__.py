@@ -6,13 +6,16 @@ schedule before anything runs.
 """
 
 from magsdk.config import (
+    AmbiguousSlots,
     BlockGroupReport,
     BlockMetadata,
     BranchCalibration,
     CalibrationEntry,
     CalibrationResult,
+    InspectionNote,
     InspectionReport,
     MagCacheConfig,
+    ScheduleInfo,
     StrategyVariant,
 )
 from magsdk.errors import BlockLayoutError, MagSDKError, StrategyNotFoundError, UsageError
@@ -23,30 +26,38 @@ from magsdk.export import (
     to_cache_dit,
     to_diffusers_config,
 )
+from magsdk.planner import BudgetPlan, InfeasibleBudgetError, plan_budget
 from magsdk.ratios import SkipPlan, plan, resample_by_timesteps, resample_nearest
 from magsdk.registry import StrategyRegistry, TransformerBlockRegistry, discover_strategies
 from magsdk.runtime import CacheStats, CalibrationHandle, MagCacheHandle, calibrate, enable
+from magsdk.runtime.distributed import PlanMismatchError
 from magsdk.strategy import MagCacheStrategy, load_calibrations, load_variants
 from magsdk.variants import VariantSelectionError, select_variant
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmbiguousSlots",
     "BlockGroupReport",
     "BlockLayoutError",
     "BlockMetadata",
     "BranchCalibration",
+    "BudgetPlan",
     "CacheDitExport",
     "CacheStats",
     "CalibrationEntry",
     "CalibrationHandle",
     "CalibrationResult",
     "DiffusersRegistration",
+    "InfeasibleBudgetError",
+    "InspectionNote",
     "InspectionReport",
     "MagCacheConfig",
     "MagCacheHandle",
     "MagCacheStrategy",
     "MagSDKError",
+    "PlanMismatchError",
+    "ScheduleInfo",
     "SkipPlan",
     "StrategyNotFoundError",
     "StrategyRegistry",
@@ -60,6 +71,7 @@ __all__ = [
     "load_calibrations",
     "load_variants",
     "plan",
+    "plan_budget",
     "register_with_diffusers",
     "resample_by_timesteps",
     "resample_nearest",
