@@ -161,7 +161,7 @@ class CacheSession:
         self.attached = False
         self.stack.leave()
         self.reset(discard=True)
-        self.calibration_runs = [] if self.config.calibrate or self.auto else self.calibration_runs
+        self.calibration_runs = []  # a calibration handle collected them before it detached
 
     def reset(self, discard: bool = False) -> None:
         """Forget all per-generation state: the next call starts a new generation.
