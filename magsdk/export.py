@@ -14,6 +14,7 @@ diffusers and cache-dit are imported only when an export is asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -86,8 +87,7 @@ def to_diffusers_config(
     exactly on the calibration's own schedule; mapped elsewhere, magsdk's noise-level retention can
     keep a step or two more.
     """
-    from diffusers.hooks import MagCacheConfig as DiffusersMagCacheConfig
-
+    DiffusersMagCacheConfig = _diffusers_mag_cache_config()
     config = resolve_config(strategy_or_config, num_inference_steps)
     skip_plan = plan(None, config, num_inference_steps, branch=branch, timesteps=timesteps)
     return DiffusersMagCacheConfig(
@@ -97,6 +97,21 @@ def to_diffusers_config(
         num_inference_steps=num_inference_steps,
         mag_ratios=list(skip_plan.curve),
     )
+
+
+def _diffusers_mag_cache_config() -> Any:
+    """diffusers' ``MagCacheConfig`` class: diffusers added its MagCache in 0.37.0, magsdk supports older releases."""
+    try:
+        from diffusers.hooks import MagCacheConfig
+    except ImportError:
+        import diffusers
+
+        raise UsageError(
+            f"diffusers {diffusers.__version__} has no MagCache to export to (diffusers.hooks.MagCacheConfig "
+            "arrived in diffusers 0.37.0): pip install 'diffusers>=0.37', or run the cache with magsdk.enable(), "
+            "which works on this diffusers"
+        ) from None
+    return MagCacheConfig
 
 
 def _index_retention(skip_plan: SkipPlan, ratio: float) -> float:
@@ -158,6 +173,19 @@ def _diffusers_metadata(name: str, meta: BlockMetadata) -> Any:
     }
     if meta.encoder_hidden_states_argument_name is not None:
         values["encoder_hidden_states_argument_name"] = meta.encoder_hidden_states_argument_name
+    # diffusers < 0.37 has no argument-name fields: its hooks read the arguments named `hidden_states` and
+    # `encoder_hidden_states`, so a block that calls them that needs no field, and any other block cannot run there
+    fields = {f.name for f in dataclasses.fields(TransformerBlockMetadata)}
+    for key in [k for k in values if k.endswith("_argument_name") and k not in fields]:
+        given, expected = values.pop(key), key.removesuffix("_argument_name")
+        if given != expected:
+            import diffusers
+
+            raise UsageError(
+                f"{name} takes its {expected.replace('_', ' ')} as the argument {given!r}, but diffusers "
+                f"{diffusers.__version__}'s hooks only read one named {expected!r} ({key} arrived in diffusers "
+                "0.37.0): pip install 'diffusers>=0.37', or use magsdk.enable()"
+            )
     return TransformerBlockMetadata(**values)
 
 

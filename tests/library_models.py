@@ -15,13 +15,10 @@ import PIL.Image
 import torch
 from diffusers import (
     AutoencoderKL,
-    AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
-    Flux2KleinPipeline,
-    Flux2Transformer2DModel,
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -36,6 +33,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers_features import FLUX2, require
 
 Built = tuple[Any, dict[str, Any]]
 
@@ -89,6 +87,10 @@ def flux_kontext(name: str | None = None) -> Built:
 
 # -- FLUX.2-klein -----------------------------------------------------------------------------------
 def flux2_klein(name: str | None = None) -> Built:
+    """Skips the calling test on a diffusers without FLUX.2 (0.36) or its Klein pipeline (0.37)."""
+    Flux2Transformer2DModel = require("diffusers.Flux2Transformer2DModel", FLUX2)
+    AutoencoderKLFlux2 = require("diffusers.AutoencoderKLFlux2", FLUX2)
+    Flux2KleinPipeline = require("diffusers.Flux2KleinPipeline", "Flux2KleinPipeline (added in 0.37.0)")
     _seeded()
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from diffusers_features import needs
 
 pytest.importorskip("sklearn")
 
@@ -47,6 +48,8 @@ def test_write_section_keeps_the_rest_of_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@needs("diffusers.MagCacheConfig", "diffusers.TaylorSeerCacheConfig",
+       feature="the caches the sweep compares with (TaylorSeer: 0.36.0, MagCache: 0.37.0)")
 def test_quick_run_has_a_row_per_method(tmp_path: Path) -> None:
     bench = load_tool()
     out, data = tmp_path / "bench.md", tmp_path / "bench.json"

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache, apply_mag_cache
+from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 from diffusers.hooks._helpers import TransformerBlockRegistry as DiffusersRegistry
+from diffusers_features import HAS_MAG_CACHE, MAG_CACHE, VERSION, has, needs_mag_cache, require
 from library_models import flux as flux_pipeline
 from tiny_models import ComputeRecorder, denoise, fresh_copy, tiny_flux
 
@@ -49,7 +50,7 @@ def diffusers_registry() -> Iterator[None]:
 
 
 def _computed_by_diffusers(model: torch.nn.Module, config: Any, steps: int, head: torch.nn.Module) -> list[int]:
-    apply_mag_cache(model, config)
+    require("diffusers.hooks.apply_mag_cache", MAG_CACHE)(model, config)
     recorder = ComputeRecorder(model, head)
     denoise(model, steps)
     recorder.remove()
@@ -57,6 +58,7 @@ def _computed_by_diffusers(model: torch.nn.Module, config: Any, steps: int, head
 
 
 # -- diffusers --------------------------------------------------------------------------------------
+@needs_mag_cache
 @pytest.mark.parametrize("steps", [20, 28])
 def test_diffusers_with_the_exported_config_computes_magsdk_steps_on_flux(steps: int) -> None:
     model = tiny_flux()
@@ -77,6 +79,7 @@ def test_diffusers_with_the_exported_config_computes_magsdk_steps_on_flux(steps:
     assert len(theirs) < steps  # it skips
 
 
+@needs_mag_cache
 def test_exported_config_follows_overridden_settings_and_configs() -> None:
     config = magsdk.MagCacheConfig(mag_ratios=[1.0, 1.02, 1.01, 0.99, 0.98, 0.97], threshold=0.3,
                                    max_skip_steps=2, retention_ratio=0.0)
@@ -113,8 +116,10 @@ def _not_in_diffusers_table(report: magsdk.InspectionReport) -> set[str]:
     return classes
 
 
+@needs_mag_cache
 def test_register_with_diffusers_runs_its_magcache_on_a_class_its_table_lacks(diffusers_registry: None) -> None:
     # ChromaTransformer2DModel: dual-stream blocks returning a tuple, single-stream blocks returning a tensor.
+    apply_mag_cache = require("diffusers.hooks.apply_mag_cache", MAG_CACHE)
     model, kwargs, report = _tiny("ChromaTransformer2DModel")
     classes = _not_in_diffusers_table(report)
     steps = 12
@@ -146,6 +151,7 @@ def test_register_with_diffusers_runs_its_first_block_cache_on_a_class_its_table
     diffusers_registry: None,
 ) -> None:
     # SkyReelsV2Transformer3DModel: one block list, tensor outputs (FirstBlockCache wants one output form).
+    require("diffusers.SkyReelsV2Transformer3DModel")
     model, kwargs, report = _tiny("SkyReelsV2Transformer3DModel")
     _not_in_diffusers_table(report)
     with pytest.raises(ValueError, match="not registered"):
@@ -169,6 +175,38 @@ def test_register_with_diffusers_keeps_diffusers_entries_and_finds_classes_by_na
     assert sorted(replaced.registered) == ["FluxSingleTransformerBlock", "FluxTransformerBlock"]
     with pytest.raises(magsdk.UsageError, match="model=pipe_or_transformer"):
         magsdk.register_with_diffusers({"NoSuchBlock": magsdk.BlockMetadata()})
+
+
+def test_register_with_diffusers_writes_argument_names_only_where_diffusers_has_the_fields(
+    diffusers_registry: None,
+) -> None:
+    """diffusers < 0.37 reads `hidden_states` / `encoder_hidden_states` by name; another name cannot go there."""
+    model = tiny_flux()
+    renamed = {"FluxSingleTransformerBlock": magsdk.BlockMetadata(hidden_states_argument_name="x")}
+    plain = {"FluxSingleTransformerBlock": magsdk.BlockMetadata()}
+    assert magsdk.register_with_diffusers(plain, model=model, replace=True).registered == ["FluxSingleTransformerBlock"]
+    single = next(c for c in DiffusersRegistry._registry if c.__name__ == "FluxSingleTransformerBlock")
+    if has("diffusers.hooks.MagCacheConfig"):  # the release that added MagCache added the argument names
+        magsdk.register_with_diffusers(renamed, model=model, replace=True)
+        assert DiffusersRegistry._registry[single].hidden_states_argument_name == "x"
+    else:
+        with pytest.raises(magsdk.UsageError, match=rf"diffusers {VERSION}'s hooks only read one named 'hidden_states'"
+                           r".*diffusers>=0\.37"):
+            magsdk.register_with_diffusers(renamed, model=model, replace=True)
+
+
+def test_exporting_to_a_diffusers_without_magcache_says_which_release_has_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On diffusers < 0.37 (for real in CI's oldest environment; here by removing the name) export exits 2."""
+    import diffusers.hooks
+
+    monkeypatch.delattr(diffusers.hooks, "MagCacheConfig", raising=False)
+    with pytest.raises(magsdk.UsageError, match=r"no MagCache to export to .*diffusers>=0\.37.*magsdk\.enable"):
+        magsdk.to_diffusers_config("flux.1-dev", num_inference_steps=20)
+    assert main(["export", "--strategy", "flux.1-dev", "--steps", "20"]) == 2
+    assert "pip install 'diffusers>=0.37'" in capsys.readouterr().err
+    assert main(["export", "--strategy", "flux.1-dev", "--to", "cache-dit", "--steps", "20", "--json"]) == 0
 
 
 # -- cache-dit --------------------------------------------------------------------------------------
@@ -206,12 +244,16 @@ def test_cache_dit_with_the_exported_mask_computes_magsdk_steps() -> None:
 
 # -- the command ------------------------------------------------------------------------------------
 def test_export_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", "--strategy", "flux.1-dev", "--steps", "20", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["num_inference_steps"] == 20 and len(data["mag_ratios"]) == 20 and data["threshold"] == 0.24
-    assert data["register_with_diffusers"] == []  # diffusers knows Flux's blocks
-    assert main(["export", "--strategy", "flux.1-dev", "--steps", "20"]) == 0
-    assert "apply_mag_cache(pipe.transformer, MagCacheConfig(" in capsys.readouterr().out
+    if HAS_MAG_CACHE:
+        assert main(["export", "--strategy", "flux.1-dev", "--steps", "20", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["num_inference_steps"] == 20 and len(data["mag_ratios"]) == 20 and data["threshold"] == 0.24
+        assert data["register_with_diffusers"] == []  # diffusers knows Flux's blocks
+        assert main(["export", "--strategy", "flux.1-dev", "--steps", "20"]) == 0
+        assert "apply_mag_cache(pipe.transformer, MagCacheConfig(" in capsys.readouterr().out
+    else:  # a diffusers without MagCache: the diffusers target says which release has one
+        assert main(["export", "--strategy", "flux.1-dev", "--steps", "20"]) == 2
+        assert "diffusers>=0.37" in capsys.readouterr().err
     assert main(["export", "--strategy", "wan2.1-t2v-1.3b", "--to", "cache-dit", "--steps", "30", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["steps_computation_mask"] == magsdk.to_cache_dit("wan2.1-t2v-1.3b", 30).steps_computation_mask

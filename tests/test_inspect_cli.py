@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from diffusers import FluxPipeline  # noqa: F401  (imports transformers now, so its log handler is not bound to a test's capture)
+from diffusers_features import needs_flux2
 
 from magsdk.cli import main
 from magsdk.config import InspectionReport
@@ -115,6 +116,7 @@ def test_diffusers_class_json_is_an_inspection_report(capsys):
     assert report.seconds is not None and report.seconds > 0
 
 
+@needs_flux2
 def test_table_on_the_terminal_and_out_file(capsys, tmp_path):
     target = tmp_path / "out" / "flux2.json"
     code, out, err = run_cli(capsys, "Flux2Transformer2DModel", "--out", str(target))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.hooks.mag_cache import nearest_interp
+from diffusers_features import MAG_CACHE, needs_mag_cache, require
 
 import magsdk
 from magsdk.ratios import resample_by_timesteps, resample_nearest, select_calibration
@@ -14,8 +14,10 @@ from strategies.flux import VARIANTS, FluxStrategy
 FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
 
 
+@needs_mag_cache
 @pytest.mark.parametrize("n", [1, 2, 7, 14, 20, 27, 28, 29, 50, 100])
 def test_nearest_resampling_equals_diffusers(n):
+    nearest_interp = require("diffusers.hooks.mag_cache.nearest_interp", MAG_CACHE)
     theirs = nearest_interp(torch.tensor(FLUX_RATIOS), n).tolist()
     assert resample_nearest(FLUX_RATIOS, n) == pytest.approx(theirs, abs=1e-6)
 

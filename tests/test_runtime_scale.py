@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers_features import needs_mag_cache
 from tiny_models import denoise, diffusers_mag_cache, flux_inputs, tiny_flux
 
 import magsdk
@@ -55,6 +56,7 @@ def retained_after(model: torch.nn.Module, run: Any) -> int:
     return held_tensor_bytes(model) - before
 
 
+@needs_mag_cache
 def test_retained_memory_is_one_residual_per_branch_like_diffusers(mid_flux):
     residual_bytes = SIDE * SIDE * 64 * 4  # one image hidden state, fp32
 

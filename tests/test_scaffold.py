@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.hooks import MagCacheConfig as DiffusersMagCacheConfig
-from diffusers.hooks import apply_mag_cache
+from diffusers_features import MAG_CACHE, require
 
 import magsdk
 import strategies
@@ -86,7 +85,9 @@ def hinted_command(message: str) -> list[str]:
 def calibrate_like_diffusers(
     folder: Path, settings: dict[str, object], capsys: pytest.CaptureFixture[str]
 ) -> list[float]:
-    """The ratios diffusers' own MagCacheConfig(calibrate=True) prints for the recorded call."""
+    """The ratios diffusers' own MagCacheConfig(calibrate=True) prints for the recorded call (skips without it)."""
+    apply_mag_cache = require("diffusers.hooks.apply_mag_cache", MAG_CACHE)
+    DiffusersMagCacheConfig = require("diffusers.hooks.MagCacheConfig", MAG_CACHE)
     steps = int(settings["num_inference_steps"])  # type: ignore[call-overload]
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers_features import FLUX2, MAG_CACHE, find, require
 
 
 def tiny_flux(seed: int = 0, layers: int = 2, single_layers: int = 2, heads: int = 2, head_dim: int = 8,
@@ -26,9 +27,11 @@ def tiny_flux(seed: int = 0, layers: int = 2, single_layers: int = 2, heads: int
     return model.eval()
 
 
-def tiny_flux2(seed: int = 0, layers: int = 2, single_layers: int = 2) -> Flux2Transformer2DModel:
+def tiny_flux2(seed: int = 0, layers: int = 2, single_layers: int = 2) -> Any:
+    """A tiny FLUX.2 transformer; skips the calling test on a diffusers without one."""
+    flux2 = require("diffusers.Flux2Transformer2DModel", FLUX2)
     torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(
+    model = flux2(
         patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single_layers,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
         axes_dims_rope=(2, 2, 2, 2), timestep_guidance_channels=8, mlp_ratio=2.0,
@@ -59,7 +62,8 @@ def flux_inputs(model: torch.nn.Module, batch: int = 1, side: int = 4, text: int
     }
     if "pooled_projection_dim" in cfg:
         inputs["pooled_projections"] = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
-    if isinstance(model, Flux2Transformer2DModel):
+    flux2 = find("diffusers.Flux2Transformer2DModel")
+    if flux2 is not None and isinstance(model, flux2):
         inputs["guidance"] = torch.full((batch,), 3.5)
     return inputs
 
@@ -103,8 +107,9 @@ def denoise(model: torch.nn.Module, steps: int, *, cfg: bool = False, named_cont
 @contextlib.contextmanager
 def diffusers_mag_cache(model: torch.nn.Module, ratios: list[float], threshold: float, k: int,
                         retention: float, steps: int) -> Iterator[None]:
-    """diffusers' own MagCache on ``model`` (the reference for parity)."""
-    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+    """diffusers' own MagCache on ``model`` (the reference for parity); skips the test where diffusers lacks it."""
+    MagCacheConfig = require("diffusers.hooks.MagCacheConfig", MAG_CACHE)
+    apply_mag_cache = require("diffusers.hooks.apply_mag_cache", MAG_CACHE)
 
     apply_mag_cache(model, MagCacheConfig(mag_ratios=ratios, threshold=threshold, max_skip_steps=k,
                                           retention_ratio=retention, num_inference_steps=steps))

@@ -7,6 +7,7 @@ at its default.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -140,7 +141,18 @@ def omnigen(ctx: Ctx) -> dict[str, Any]:
 
 @input_recipe("QwenImageTransformer2DModel")
 def qwenimage(ctx: Ctx) -> dict[str, Any]:
-    return {"hidden_states": ctx.packed(), "img_shapes": [[(1, GRID, GRID)]] * ctx.batch}
+    inputs: dict[str, Any] = {"hidden_states": ctx.packed(), "img_shapes": [[(1, GRID, GRID)]] * ctx.batch}
+    if _rope_needs_text_lengths(ctx.model):
+        inputs["txt_seq_lens"] = [TEXT] * ctx.batch
+    return inputs
+
+
+def _rope_needs_text_lengths(model: torch.nn.Module) -> bool:
+    """diffusers < 0.37 builds QwenImage's rotary embedding from ``txt_seq_lens`` (later ones from the mask,
+    with ``txt_seq_lens`` deprecated), so it is passed only where the embedding cannot do without it."""
+    rope = getattr(model, "pos_embed", None)
+    parameter = inspect.signature(type(rope).forward).parameters.get("txt_seq_lens") if rope is not None else None
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 @input_recipe("QwenImage21Transformer2DModel")
