@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers_features import CONTEXT_PARALLEL, HAS_CONTEXT_PARALLEL, lacks
 from tiny_models import denoise, tiny_flux
 
 import magsdk
@@ -116,6 +117,18 @@ def run_cli(args: list[str]) -> dict[str, Any]:
 
 def _scenarios(rank: int) -> dict[str, Any]:
     import torch.distributed as dist
+
+    out: dict[str, Any] = {}
+    if HAS_CONTEXT_PARALLEL:
+        out.update(_context_parallel_scenarios(rank))
+    else:
+        out["cp_lacking"] = lacks(CONTEXT_PARALLEL)
+    out.update(_data_parallel_scenarios(rank, dist.group.WORLD))
+    return out
+
+
+def _context_parallel_scenarios(rank: int) -> dict[str, Any]:
+    import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
     from magsdk.runtime.distributed import PlanMismatchError
@@ -142,11 +155,21 @@ def _scenarios(rank: int) -> dict[str, Any]:
     except PlanMismatchError as exc:
         out["cp_mismatch"] = {"error": str(exc), "seconds": time.monotonic() - started}
 
+    return out
+
+
+def _data_parallel_scenarios(rank: int, world: Any) -> dict[str, Any]:
+    """What needs only a process group, so it runs on any diffusers."""
+    import torch.distributed as dist
+
+    from magsdk.runtime.distributed import PlanMismatchError
+
+    out: dict[str, Any] = {}
     # 4. an explicit group (another engine) with different step counts
     plain = tiny_flux()
     started = time.monotonic()
     try:
-        run_cached(plain, steps=STEPS + 2 * rank, parallel_group=dist.group.WORLD)
+        run_cached(plain, steps=STEPS + 2 * rank, parallel_group=world)
         out["explicit_mismatch"] = {"error": None}
     except PlanMismatchError as exc:
         out["explicit_mismatch"] = {"error": str(exc), "seconds": time.monotonic() - started}
@@ -161,7 +184,7 @@ def _scenarios(rank: int) -> dict[str, Any]:
     dist.barrier()  # both ranks are still in step
 
     # 6. data-parallel calibration with more ranks than runs: rank 1 runs nothing and gets rank 0's curve
-    with magsdk.calibrate(plain, data_group=dist.group.WORLD) as cal:
+    with magsdk.calibrate(plain, data_group=world) as cal:
         if rank == 0:
             denoise(plain, STEPS, seed=0)
     assert cal.result is not None
@@ -170,7 +193,7 @@ def _scenarios(rank: int) -> dict[str, Any]:
     # 7. one rank fails inside the block: the other stops with an error instead of waiting for it
     started = time.monotonic()
     try:
-        with magsdk.calibrate(plain, data_group=dist.group.WORLD):
+        with magsdk.calibrate(plain, data_group=world):
             denoise(plain, STEPS, seed=0, raise_at=3 if rank == 1 else None)
         out["dp_failure"] = {"error": None}
     except Exception as exc:
