@@ -57,6 +57,6 @@ needs_mag_cache = pytest.mark.skipif(not HAS_MAG_CACHE, reason=lacks(MAG_CACHE))
 FLUX2 = "Flux2Transformer2DModel (added in 0.36.0)"
 HAS_FLUX2 = has("diffusers.Flux2Transformer2DModel")
 needs_flux2 = pytest.mark.skipif(not HAS_FLUX2, reason=lacks(FLUX2))
-#: diffusers' context parallelism (``ContextParallelConfig``, ``ModelMixin.enable_parallelism``) first shipped in 0.36.0.
+#: diffusers' context parallelism (``ContextParallelConfig``, ``enable_parallelism``) first shipped in 0.36.0.
 CONTEXT_PARALLEL = "context parallelism (ContextParallelConfig / enable_parallelism, added in 0.36.0)"
 HAS_CONTEXT_PARALLEL = has("diffusers.ContextParallelConfig")
