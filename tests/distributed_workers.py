@@ -215,7 +215,8 @@ def worker(rank: int, world: int, out_dir: str, port: int, cli_args: list[str]) 
     from magsdk.runtime.distributed import launched_process_group
 
     torch.set_num_threads(1)
-    torch.accelerator.device_count = lambda: 1  # CPU-only: see the module docstring (tests only)
+    if hasattr(torch, "accelerator"):  # torch >= 2.6; older torch has no diffusers context parallelism to feed
+        torch.accelerator.device_count = lambda: 1  # CPU-only: see the module docstring (tests only)
     path = Path(out_dir) / f"rank{rank}.pkl"
     out: dict[str, Any] = {"seconds": {"started": time.time()}}
     seconds = out["seconds"]
