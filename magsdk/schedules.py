@@ -63,14 +63,24 @@ def timesteps_for(schedule: ScheduleInfo, num_steps: int) -> list[float] | None:
     return _rebuild(schedule, num_steps)
 
 
+def recorded_set_timesteps(schedule: ScheduleInfo | None) -> dict[str, Any]:
+    """What the calibrating pipeline passed to ``set_timesteps`` (``sigmas``, ``mu``), as ``passed`` below takes it."""
+    if schedule is None:
+        return {}
+    passed: dict[str, Any] = {}
+    if schedule.input_sigmas is not None:
+        passed["sigmas"] = list(schedule.input_sigmas)
+    if schedule.set_timesteps.get("mu") is not None:
+        passed["mu"] = schedule.set_timesteps["mu"]
+    return passed
+
+
 def timesteps_from_scheduler(scheduler: Any, num_steps: int, passed: dict[str, Any]) -> list[float] | None:
     """The timesteps a live pipeline's scheduler would give a ``num_steps`` run, without touching it.
 
     ``passed`` holds what the pipeline passed to ``set_timesteps`` last time (``mu``, ``sigmas``); a
     copy of the scheduler is set up the same way for ``num_steps``. None when that cannot be done.
     """
-    import copy
-
     kwargs: dict[str, Any] = {}
     sigmas = passed.get("sigmas")
     if sigmas is not None:
@@ -81,7 +91,9 @@ def timesteps_from_scheduler(scheduler: Any, num_steps: int, passed: dict[str, A
     if passed.get("mu") is not None:
         kwargs["mu"] = float(passed["mu"])
     try:
-        twin = copy.deepcopy(scheduler)
+        # a fresh scheduler from the live one's config: a copy would carry magsdk's own set_timesteps
+        # patch, still bound to the live scheduler (the copy would stay unset and the live one change)
+        twin = type(scheduler).from_config(scheduler.config)
         twin.set_timesteps(num_inference_steps=num_steps, **kwargs)
         values = twin.timesteps.tolist()
     except Exception as exc:

@@ -101,6 +101,21 @@ def test_plan_is_what_the_runtime_computes_per_branch(pipe, calibration, resampl
                 assert handle.stats.computed_steps("cond") == handle.stats.computed_steps("uncond")
 
 
+def test_handle_plan_reads_the_schedule_without_touching_the_pipelines_scheduler(pipe, calibration):
+    """``handle.plan(N)`` before any generation (what a user previews first) and after a run at another
+    step count: the plan of the timesteps N steps will really have, and the live scheduler is left alone."""
+    config = magsdk.MagCacheConfig(mag_ratios=calibration, threshold=0.12)
+    with magsdk.enable(pipe, config) as handle:
+        before = [float(t) for t in pipe.scheduler.timesteps]
+        previewed = handle.plan(8, "cond")  # no generation yet: the scheduler holds its training timesteps
+        assert [float(t) for t in pipe.scheduler.timesteps] == before
+        generate(pipe, 20)
+        assert handle.plan(8, "cond") == previewed
+        assert len(pipe.scheduler.timesteps) == 20  # the preview did not reset the live scheduler
+        generate(pipe, 8)
+        assert previewed == handle.plan(8, "cond", timesteps=[float(t) for t in pipe.scheduler.timesteps])
+
+
 def test_a_pipeline_on_another_shift_follows_the_mapped_curve(pipe, calibration):
     shifted = copy.copy(pipe)
     shifted.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)

@@ -23,7 +23,7 @@ from magsdk.runtime.distributed import GroupOption, Parallelism, ProcessGroup
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.runtime.steps import scheduler_probe
-from magsdk.schedules import timesteps_from_scheduler
+from magsdk.schedules import recorded_set_timesteps, timesteps_from_scheduler
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
@@ -85,8 +85,12 @@ class MagCacheHandle:
         if self.curves is None:
             raise UsageError("a calibration handle does not skip; it has no plan")
         if timesteps is None and self.scheduler is not None and self.curves.uses_schedules():
-            # what this handle's own scheduler gives a num_steps run (set up as the pipeline did last time)
+            # what this handle's own scheduler gives a num_steps run, set up as the pipeline did last time
+            # or, before its first run, as it did when the curve was calibrated (FLUX-style pipelines pass
+            # sigmas that the scheduler's own defaults do not give)
             passed = self.sessions[0].set_timesteps_kwargs if self.sessions else {}
+            if not passed:
+                passed = recorded_set_timesteps(self.curves.table_for(num_steps).schedule)
             timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
         return plan_source(
             self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
