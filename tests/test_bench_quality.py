@@ -68,6 +68,16 @@ def test_quick_run_has_a_row_per_method(tmp_path: Path) -> None:
     assert bench.SECTION_QUALITY in text and "**Findings (computed from the table above).**" in text
     for method in expected:
         assert f"| {method} |" in text
+    # the same section again from the kept points, without measuring: same rows, and it names both commands
+    again = tmp_path / "again.md"
+    assert bench.main(["--from-json", str(data), "--out", str(again), "--plot", str(tmp_path / "p.png")]) == 0
+    rendered = again.read_text()
+    assert f"rendered from its points by `python tools/bench_quality.py --from-json {data}`" in rendered
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows == [line for line in rendered.splitlines() if line.startswith("| ")]
+    # a speedup above the call ratio never wins the Pareto check: it counts at the call ratio
+    for point in map(lambda p: bench.Point(**p), payload["points"]):
+        assert point.credible_speedup <= point.call_speedup
 
 
 @pytest.mark.slow
