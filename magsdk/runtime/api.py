@@ -85,13 +85,18 @@ class MagCacheHandle:
         if self.curves is None:
             raise UsageError("a calibration handle does not skip; it has no plan")
         if timesteps is None and self.scheduler is not None and self.curves.uses_schedules():
-            # what this handle's own scheduler gives a num_steps run, set up as the pipeline did last time
-            # or, before its first run, as it did when the curve was calibrated (FLUX-style pipelines pass
-            # sigmas that the scheduler's own defaults do not give)
+            # what this handle's own scheduler gives a num_steps run: set up as the pipeline did last time;
+            # else its timesteps as they are, when the user's loop already set them for num_steps; else, before
+            # a pipeline's first run, as the calibrating pipeline set it up (FLUX-style pipelines pass sigmas
+            # that the scheduler's own defaults do not give)
             passed = self.sessions[0].set_timesteps_kwargs if self.sessions else {}
-            if not passed:
-                passed = recorded_set_timesteps(self.curves.table_for(num_steps).schedule)
-            timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
+            current = getattr(self.scheduler, "timesteps", None)
+            if not passed and current is not None and len(current) == num_steps:
+                timesteps = [float(t) for t in current.tolist()]
+            else:
+                if not passed:
+                    passed = recorded_set_timesteps(self.curves.table_for(num_steps).schedule)
+                timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
         return plan_source(
             self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
             first_step=first_step, constraints=self.constraints,
