@@ -280,7 +280,9 @@ FULL = Sweep(
     fbc_thresholds=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
     taylor_intervals=[2, 3, 4, 6, 8, 12],
     dbcache_thresholds=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
-    planner_budgets=[26, 24, 22, 20, 18, 16, 14, 12, 10, 8],
+    # every even budget from 26 down to 8, the step counts where peers sit (TaylorSeer 15 and 7, FirstBlockCache
+    # 5) and 4, the fewest the planner reaches with runs of at most 6 skips (28 = 4 x 7)
+    planner_budgets=[26, 24, 22, 20, 18, 16, 15, 14, 12, 10, 8, 7, 5, 4],
     forecast_thresholds=[0.02, 0.06, 0.15, 0.4, 1.0],
 )
 QUICK = Sweep(
