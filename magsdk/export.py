@@ -83,9 +83,8 @@ def to_diffusers_config(
     Its ``mag_ratios`` are ``magsdk.plan(...).curve``: the curve already mapped to the run (its step
     count and, with ``timesteps``, its schedule; diffusers does not resample a curve of the right
     length). Use it for that run only; diffusers keeps one state per ``cache_context``, so each CFG
-    branch follows this curve. diffusers' retention counts steps, so the exported curve matches magsdk
-    exactly on the calibration's own schedule; mapped elsewhere, magsdk's noise-level retention can
-    keep a step or two more.
+    branch follows this curve. diffusers' retention counts the run's steps, as magsdk's does whenever
+    the run's step count is known, so diffusers computes the steps magsdk's plan computes.
     """
     DiffusersMagCacheConfig = _diffusers_mag_cache_config()
     config = resolve_config(strategy_or_config, num_inference_steps)

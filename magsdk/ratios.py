@@ -174,7 +174,7 @@ class SkipPlan(BaseModel):
     mapping: str = ""
     #: Timesteps of the run that lie outside the calibrated range (the curve is flat there).
     out_of_range: list[float] = []
-    #: Leading steps always computed (the retention window, by index or by noise level); None when online.
+    #: Leading steps always computed (the run's first int(r·N+0.5)); None when online (a noise-level window).
     retained_steps: int | None = None
     #: Budget mode: the steps computed per branch asked for (the threshold is then unused).
     budget: int | None = None
