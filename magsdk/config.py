@@ -16,7 +16,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from magsdk.planner import (
-    PLANNER_MAX_SKIP_STEPS,
     PLANNER_RETENTION_RATIO,
     budget_bounds,
     budget_from_speedup,
@@ -306,13 +305,12 @@ class MagCacheConfig(BaseModel):
             )
         budget = self.compute_steps if self.compute_steps is not None else budget_from_speedup(n, self.speedup or 1.0)
         k, r = config_constraints(self)
-        least = budget_bounds(
-            n, PLANNER_MAX_SKIP_STEPS if k is None else k, PLANNER_RETENTION_RATIO if r is None else r
-        )[0]
+        # with max_skip_steps unset the planner may skip runs of any length: only the retention bounds the budget
+        least = budget_bounds(n, n if k is None else k, PLANNER_RETENTION_RATIO if r is None else r)[0]
         if budget < least:
             named = (("max_skip_steps", k), ("retention_ratio", r))
             given = [f"{name}={value:g}" for name, value in named if value is not None]
-            under = " and ".join(given) if given else f"runs of at most {PLANNER_MAX_SKIP_STEPS} skips"
+            under = " and ".join(given) if given else "the planner's own constraints"
             if field == "compute_steps":
                 ask, fix = f"compute_steps={budget}", f"use compute_steps >= {least}"
             else:

@@ -63,6 +63,15 @@ class TimestepMap:
         self.tolerance = max(1e-5, 1e-8 * (max(self.timesteps) - min(self.timesteps)))
         logs = np.log(np.asarray(self.curve[1:], dtype=np.float64))
         cumulative = np.concatenate([[0.0], np.cumsum(logs)])
+        #: The first ratio's start-up jump: a step effect (‖r_1‖/‖r_0‖ jumps at the first step whatever its
+        #: noise-level gap), kept whole at a run's first step instead of spread over the steps a finer schedule
+        #: puts in the calibration's first interval. The growth along the noise level over that first interval
+        #: is the next interval's rate, extrapolated (docs/design.md, "Schedule transfer").
+        self.startup = 0.0
+        if len(self.curve) >= 3 and self.timesteps[2] != self.timesteps[1]:
+            rate = (cumulative[2] - cumulative[1]) / (self.timesteps[2] - self.timesteps[1])
+            cumulative[0] = cumulative[1] - rate * (self.timesteps[1] - self.timesteps[0])
+            self.startup = float(cumulative[0])
         order = np.argsort(np.asarray(self.timesteps))
         self._xs = np.asarray(self.timesteps, dtype=np.float64)[order]
         self._ys = cumulative[order]
@@ -79,19 +88,21 @@ class TimestepMap:
             abs(a - b) <= self.tolerance for a, b in zip(timesteps, self.timesteps, strict=True)
         )
 
-    def ratio(self, previous: float, current: float) -> float:
+    def ratio(self, previous: float, current: float, first: bool = False) -> float:
+        """The growth from ``previous`` to ``current``; ``first``: the run's first step (it carries the start-up jump)."""
         i, j = self._index(previous), self._index(current)
-        if i is not None and j is not None and j == i + 1:
+        if i is not None and j is not None and j == i + 1 and first == (i == 0):
             return self.curve[j]
         grown = np.interp(current, self._xs, self._ys) - np.interp(previous, self._xs, self._ys)
-        return float(math.exp(grown))
+        return float(math.exp(grown + (self.startup if first else 0.0)))
 
     def map(self, timesteps: Sequence[float]) -> list[float]:
         """The curve on another schedule; its first value is the calibration's first (step 0 has no past)."""
         values = [float(t) for t in timesteps]
         if self.same_schedule(values):
             return list(self.curve)
-        return [self.curve[0], *(self.ratio(a, b) for a, b in itertools.pairwise(values))]
+        pairs = itertools.pairwise(values)
+        return [self.curve[0], *(self.ratio(a, b, first=k == 0) for k, (a, b) in enumerate(pairs))]
 
     def outside(self, timesteps: Sequence[float], tolerance: float = 1e-3) -> list[float]:
         """Timesteps beyond the calibrated range (the map holds the curve flat there: ratio 1)."""

@@ -100,6 +100,8 @@ class BranchSchedule:
         self.config = config
         self.acc = FRESH
         self._previous_t: float | None = None
+        #: The next online call is the run's first step after step 0 (it carries the curve's start-up jump).
+        self._first_interval = True
         #: A transformer that joins mid-schedule (Wan 2.2's low-noise expert) restarts the retention window at its
         #: first step, as the MagCache source does: its first ``round(R · steps left)`` steps are computed.
         self.start = start
@@ -140,8 +142,12 @@ class BranchSchedule:
             online = curve.online
             if online is None or timestep is None:
                 return False  # nothing to map with: compute
-            scale = online.curve[0] if self._previous_t is None else online.ratio(self._previous_t, timestep)
+            if self._previous_t is None:
+                scale = online.curve[0]
+            else:
+                scale = online.ratio(self._previous_t, timestep, first=self._first_interval)
             retained = online.retained(timestep, curve.retention_index)
+            self._first_interval = self._previous_t is None
             self._previous_t = timestep
         skip, self.acc = decide(self.acc, scale, retained, self.config, has_residual)
         return skip

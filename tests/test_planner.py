@@ -14,7 +14,6 @@ import magsdk
 from magsdk.errors import UsageError
 from magsdk.planner import (
     ERROR_MODELS,
-    PLANNER_MAX_SKIP_STEPS,
     InfeasibleBudgetError,
     budget_bounds,
     budget_from_speedup,
@@ -102,13 +101,14 @@ def check_schedule(plan: magsdk.planner.BudgetPlan, n: int, budget: int, k: int,
 @pytest.mark.parametrize("r", [0.1, 0.2, None])
 def test_every_feasible_budget_is_met_exactly(n, k, r):
     curve = resample_nearest(FLUX, n)
-    kk = PLANNER_MAX_SKIP_STEPS if k is None else k
     rr = 0.0 if r is None else r
-    least, most = budget_bounds(n, kk, rr)
+    least, most = budget_bounds(n, n if k is None else k, rr)  # K unset: runs of any length
     assert most == n
     budgets = range(least, most + 1) if n <= 28 else sorted({least, least + 1, (least + most) // 2, most - 1, most})
     for budget in budgets:
         plan = plan_budget(curve, budget, max_skip_steps=k, retention_ratio=r)
+        kk = k if k is not None else smallest_max_skip_steps(n, budget, rr)
+        assert plan.max_skip_steps == kk
         check_schedule(plan, n, budget, kk, rr)
         assert plan.cost == pytest.approx(reference_cost(_flat(curve), plan.computed_steps, "acc_err"), abs=1e-9)
     if least > 1:
@@ -129,10 +129,6 @@ def test_unset_k_is_the_smallest_that_meets_the_budget():
             k_min = smallest_max_skip_steps(n, budget, r)
             assert feasible_schedules(n, budget, k_min, r)
             assert k_min == 0 or not feasible_schedules(n, budget, k_min - 1, r)
-            if k_min > PLANNER_MAX_SKIP_STEPS:
-                with pytest.raises(InfeasibleBudgetError):
-                    plan_budget(run["curve"], budget, retention_ratio=r if r else None)
-                continue
             plan = plan_budget(run["curve"], budget, retention_ratio=r if r else None, cos_dists=run["cos_dists"])
             assert plan.max_skip_steps == k_min
             best = min(reference_cost(run, s, "residual") for s in feasible_schedules(n, budget, k_min, r))
@@ -231,7 +227,19 @@ def test_a_flat_curve_costs_nothing_and_a_rough_step_is_computed():
 def test_long_runs_plan_quickly():
     curve = resample_nearest(FLUX, 400)
     plan = plan_budget(curve, 120)
-    check_schedule(plan, 400, 120, PLANNER_MAX_SKIP_STEPS, 0.0)
+    check_schedule(plan, 400, 120, smallest_max_skip_steps(400, 120, 0.0), 0.0)
+
+
+def test_a_budget_of_a_few_steps_needs_no_max_skip_steps():
+    """3 of 28 (runs of 9 skips) and 1 of 28 (only step 0) are plans, not errors, when K is left to the planner."""
+    curve = resample_nearest(FLUX, 28)
+    for budget, k in ((3, 9), (2, 13), (1, 27)):
+        plan = plan_budget(curve, budget)
+        assert plan.max_skip_steps == k
+        check_schedule(plan, 28, budget, k, 0.0)
+    assert magsdk.MagCacheConfig(num_inference_steps=28, compute_steps=2).compute_steps == 2
+    with pytest.raises(ValidationError, match="smallest feasible budget is 6"):
+        magsdk.MagCacheConfig(num_inference_steps=28, compute_steps=3, retention_ratio=0.2)
 
 
 # -- input checks ------------------------------------------------------------------------------------

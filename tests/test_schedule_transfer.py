@@ -50,6 +50,24 @@ def test_mapping_28_to_14_to_28_keeps_the_growth_between_shared_timesteps():
     assert back[27] == 1.0  # beyond the coarse schedule's last timestep the curve is held flat, not extrapolated
 
 
+def test_the_first_ratios_start_up_jump_stays_at_the_first_step_of_a_finer_schedule():
+    """‖r₁‖/‖r₀‖ jumps at step 1 whatever its noise-level gap: a finer run gets the jump at its own step 1,
+    and the steps after it grow at the calibration's rate instead of sharing the jump."""
+    coarse_t = [1000.0 - 100.0 * i for i in range(8)]
+    curve = [1.0, 1.5] + [0.9] * 6  # a jump at step 1, then 0.9 per 100 timesteps
+    fine_t = [1000.0 - 50.0 * i for i in range(15)]
+    fine = TimestepMap(curve, coarse_t).map(fine_t)
+    assert fine[1] == pytest.approx(1.5 / math.sqrt(0.9), rel=1e-12)  # the jump, less the growth it did not span
+    assert fine[2:] == pytest.approx([math.sqrt(0.9)] * 13, rel=1e-12)  # steady growth, also inside the first gap
+    for k in range(1, 8):  # the growth between timesteps both schedules share is kept
+        assert fine[2 * k - 1] * fine[2 * k] == pytest.approx(curve[k], rel=1e-12)
+    # online, call by call, the same: the first interval is the run's first, wherever it starts
+    tmap = TimestepMap(curve, coarse_t)
+    assert tmap.ratio(1000.0, 950.0, first=True) == pytest.approx(fine[1], rel=1e-12)
+    assert tmap.ratio(1000.0, 950.0) == pytest.approx(math.sqrt(0.9), rel=1e-12)
+    assert tmap.ratio(1000.0, 900.0, first=True) == curve[1]  # the calibration's own first interval: as measured
+
+
 # -- runtime == plan, per branch, both mapping modes ---------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe() -> Any:

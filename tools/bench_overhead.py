@@ -15,6 +15,11 @@ CUDA the peak (``max_memory_allocated``) of one generation is reported too.
     python tools/bench_overhead.py --sizes mid --rounds 9             # one size, more rounds
     python tools/bench_overhead.py --full --device cuda --dtype bfloat16   # FLUX.1-dev architecture,
                                                                            # eager and compile_repeated_blocks
+    python tools/bench_overhead.py --count                             # work per call, counted (no timing)
+
+``--count`` measures what timing cannot settle on a noisy machine: per transformer call, the Python
+function calls (``cProfile``) and the torch operators (``torch.profiler``) each method executes in
+one generation. Both are deterministic, so a difference of a few per cent is real, not noise.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.hooks import MagCacheConfig as DiffusersMagCacheConfig
-from diffusers.hooks import apply_mag_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,13 +62,16 @@ SIZES: dict[str, dict[str, Any]] = {
 TOKENS = {"tiny": (16, 6), "mid": (1024, 64), "full": (4096, 512)}
 SECTION = "## Runtime cost and memory: plain vs magsdk vs diffusers' MagCache"
 SECTION_GPU = "## GPU: FLUX.1-dev architecture"
+SECTION_COUNTS = "## Runtime work per call, counted: plain vs magsdk vs diffusers' MagCache"
 DESCRIPTION = (
     "The same FLUX denoising loop (FlowMatchEulerDiscreteScheduler, one transformer call per step) with no cache, "
     "with magsdk and with diffusers' `apply_mag_cache`, for three settings of the published FLUX.1-dev curve: one "
     "that skips nothing (K = 0: every decision is made, no step skipped — pure overhead), diffusers' defaults "
     "0.06/3/0.2 and the MagCache repository's 0.24/5/0.1. *tiny*: 2 + 2 blocks on 16 image tokens (the blocks "
     "cost little, so the table shows the per-call overhead); *mid*: 4 + 8 blocks, 128 wide, 1024 image + 64 "
-    "text tokens. Each time is the median of interleaved rounds after a warm-up; *ideal* is "
+    "text tokens. In eager mode every method runs on the same model (attached before its run, detached after it, "
+    "outside the timing), so no method is helped or hurt by where its copy of the weights sits. Each time is the "
+    "median of interleaved rounds after a warm-up; *ideal* is "
     "`plain × computed / total`. A skipped step still runs the embeddings, final layer and scheduler, so "
     "`time / ideal` above 1 is expected; the goal is magsdk's no larger than diffusers'. *retained*: memory "
     "held between generations (tensors that are not parameters or buffers); *peak*: CUDA only."
@@ -171,46 +178,142 @@ def measure_memory(
     return (held_bytes(device, models) - before) / 2**20, peak
 
 
+Attach = Callable[[torch.nn.Module], Callable[[], None]]
+
+
+def attach_magsdk(settings: dict[str, Any]) -> Attach:
+    def attach(model: torch.nn.Module) -> Callable[[], None]:
+        handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", **settings))
+        return handle.disable
+
+    return attach
+
+
+def attach_diffusers(settings: dict[str, Any], steps: int) -> Attach:
+    def attach(model: torch.nn.Module) -> Callable[[], None]:
+        model.enable_cache(DiffusersMagCacheConfig(mag_ratios=FLUX_RATIOS, num_inference_steps=steps,
+                                                   **settings))
+        return model.disable_cache
+
+    return attach
+
+
 def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
+    """One size: every method timed in interleaved rounds, medians reported.
+
+    Eager: every method runs on the *same* model, attached before its run and detached after it (outside the
+    timing), so no method gets a copy of the weights that happens to sit better in memory: with a deep copy per
+    method, the mid-size K=0 rows differed by 3-7 % between methods doing the same arithmetic. Compiled: one copy
+    per method, hooks attached before ``compile_repeated_blocks`` (recompiling per round would dominate).
+    """
     dtype = getattr(torch, args.dtype)
     image_tokens, text_tokens = TOKENS[size]
     base = build(size, args.device, dtype)
-    methods: dict[str, tuple[str, str, Callable[[], torch.Tensor], torch.nn.Module]] = {}
+    attachers: dict[str, tuple[str, str, Attach]] = {}
     computed: dict[str, int] = {}
-    plain_model = base
     for label, settings in SETTINGS.items():
-        ours = copy.deepcopy(base)
-        handle = magsdk.enable(ours, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", **settings))
-        theirs = copy.deepcopy(base)
-        apply_mag_cache(theirs, DiffusersMagCacheConfig(mag_ratios=FLUX_RATIOS, num_inference_steps=args.steps,
-                                                        **settings))
-        computed[label] = len(handle.plan(args.steps).computed_steps)
-        for method, model in (("magsdk", ours), ("diffusers", theirs)):
-            if mode == "compiled":
-                model.compile_repeated_blocks()
-            methods[f"{method} | {label}"] = (method, label, make_loop(model, args.steps, image_tokens, text_tokens,
-                                                                       args.device, dtype), model)
+        probe = magsdk.enable(base, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", **settings))
+        computed[label] = len(probe.plan(args.steps).computed_steps)
+        probe.disable()
+        attachers[f"magsdk | {label}"] = ("magsdk", label, attach_magsdk(settings))
+        attachers[f"diffusers | {label}"] = ("diffusers", label, attach_diffusers(settings, args.steps))
+    runs: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], Callable[[], None]] | None]] = {}
+    models = [base]
     if mode == "compiled":
-        plain_model.compile_repeated_blocks()
-    plain = make_loop(plain_model, args.steps, image_tokens, text_tokens, args.device, dtype)
-    all_models = [plain_model, *(m for *_, m in methods.values())]
+        for name, (_, _, attach) in attachers.items():
+            model = copy.deepcopy(base)
+            attach(model)
+            model.compile_repeated_blocks()
+            models.append(model)
+            runs[name] = (make_loop(model, args.steps, image_tokens, text_tokens, args.device, dtype), None)
+        base.compile_repeated_blocks()
+    else:
+        shared = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype)
+        for name, (_, _, attach) in attachers.items():
+            runs[name] = (shared, (lambda attach=attach: attach(base)))
+    plain = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype)
 
-    memory = {"plain": measure_memory(args.device, plain, all_models)}  # also the warm-up
-    for name, (_, _, loop, _) in methods.items():
-        memory[name] = measure_memory(args.device, loop, all_models)
-    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in methods}}
+    def run(name: str, measure: Callable[[Callable[[], torch.Tensor]], Any]) -> Any:
+        loop, attach = runs[name]
+        detach = attach() if attach is not None else None
+        try:
+            return measure(loop)
+        finally:
+            if detach is not None:
+                detach()
+
+    memory = {"plain": measure_memory(args.device, plain, models)}  # also the warm-up
+    for name in runs:
+        memory[name] = run(name, lambda loop: measure_memory(args.device, loop, models))
+    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in runs}}
     for _ in range(args.rounds):  # interleaved: plain between every cached method
-        for name, (_, _, loop, _) in methods.items():
+        for name in runs:
             times["plain"].append(timed(plain))
-            times[name].append(timed(loop))
+            times[name].append(run(name, timed))
     plain_s = statistics.median(times["plain"])
     rows = [Row(size, mode, "plain", "-", args.steps, args.steps, plain_s, times["plain"], plain_s,
                 *memory["plain"], plain_s=plain_s)]
-    for name, (method, label, _, _) in methods.items():
+    for name, (method, label, _) in attachers.items():
         ideal = plain_s * computed[label] / args.steps
         rows.append(Row(size, mode, method, label, computed[label], args.steps, statistics.median(times[name]),
                         times[name], ideal, *memory[name], plain_s=plain_s))
     return rows
+
+
+def count_work(size: str, steps: int) -> list[dict[str, Any]]:
+    """Per method and setting: Python function calls and torch operators per transformer call (one generation)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    image_tokens, text_tokens = TOKENS[size]
+    model = build(size, "cpu", torch.float32)
+    loop = make_loop(model, steps, image_tokens, text_tokens, "cpu", torch.float32)
+    loop()
+    rows = []
+    methods: list[tuple[str, str, Attach | None, int]] = [("plain", "-", None, steps)]
+    for label, settings in SETTINGS.items():
+        probe = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", **settings))
+        computed = len(probe.plan(steps).computed_steps)
+        probe.disable()
+        methods += [("magsdk", label, attach_magsdk(settings), computed),
+                    ("diffusers", label, attach_diffusers(settings, steps), computed)]
+    for method, label, attach, computed in methods:
+        detach = attach(model) if attach is not None else None
+        try:
+            loop()  # warm: first-call work is not per-call work
+            profiler = cProfile.Profile()
+            profiler.enable()
+            loop()
+            profiler.disable()
+            python_calls = pstats.Stats(profiler).total_calls  # type: ignore[attr-defined]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                loop()
+            ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        finally:
+            if detach is not None:
+                detach()
+        rows.append({"size": size, "method": method, "setting": label, "computed": computed, "total": steps,
+                     "python_calls": python_calls / steps, "aten_ops": ops / steps})
+    return rows
+
+
+def count_table(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    lines = ["| size | setting | method | computed / total | Python calls per call | vs diffusers | torch ops per call "
+             "| vs diffusers |", "|---|---|---|---|---:|---:|---:|---:|"]
+    verdicts = []
+    for r in rows:
+        theirs = next((d for d in rows if d["method"] == "diffusers" and d["size"] == r["size"]
+                       and d["setting"] == r["setting"]), None)
+        vs_py = vs_ops = "-"
+        if r["method"] == "magsdk" and theirs is not None:
+            vs_py = f"{r['python_calls'] / theirs['python_calls'] - 1:+.1%}"
+            vs_ops = f"{r['aten_ops'] / theirs['aten_ops'] - 1:+.1%}"
+            verdicts.append(f"{r['size']} {r['setting']}: Python calls {vs_py}, torch ops {vs_ops}")
+        lines.append(f"| {r['size']} | {r['setting']} | {r['method']} | {r['computed']} / {r['total']} | "
+                     f"{r['python_calls']:.0f} | {vs_py} | {r['aten_ops']:.0f} | {vs_ops} |")
+    return "\n".join(lines), verdicts
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> float:
@@ -248,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=None, help="eager,compiled (default: eager; with --full both)")
     parser.add_argument("--json", type=Path, default=None, help="write every round's timings here")
     parser.add_argument("--out", type=Path, default=None, help="write the tables as their section of a markdown file")
+    parser.add_argument("--count", action="store_true",
+                        help="count Python calls and torch operators per transformer call instead of timing")
     args = parser.parse_args(argv)
+    if args.count:
+        return main_count(args, argv)
     if args.rounds < 5:
         parser.error(f"--rounds {args.rounds}: medians need at least 5 rounds")
     if args.threads:
@@ -290,6 +397,28 @@ def main(argv: list[str] | None = None) -> int:
         write_section(args.out, title, section)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    return 0
+
+
+def main_count(args: argparse.Namespace, argv: list[str] | None) -> int:
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads or 1)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    rows = [row for size in sizes for row in count_work(size, args.steps)]
+    body, verdicts = count_table(rows)
+    print(body)
+    if args.out is not None:
+        command = "python tools/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        section = (
+            f"{SECTION_COUNTS}\n\nCommand: `{command.strip()}` ({time.perf_counter() - started:.0f} s, "
+            f"{time.strftime('%Y-%m-%d')}; torch={torch.__version__} magsdk={magsdk.__version__}).\n\n"
+            "The loop of the table above, one generation per method after a warm-up one: Python function calls "
+            "(`cProfile`) and torch operators (`torch.profiler`, `aten::` events) per transformer call. Counts do not "
+            "depend on the machine's load, so they show what the timings cannot separate from noise: the work each "
+            f"method adds per call.\n\n{body}\n\n**Magsdk against diffusers (computed from the table above).** "
+            + "; ".join(verdicts) + ".\n"
+        )
+        write_section(args.out, SECTION_COUNTS, section)
     return 0
 
 

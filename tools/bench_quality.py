@@ -7,8 +7,8 @@
 
 Every method generates the same prompts and seeds, in one process, as one batched pipeline call
 per point. For each point: transformer calls computed (a call counts as computed when the last
-block's attention ran), wall-clock speedup against the uncached run (best of ``--repeats`` runs
-each, measured in turn with it), PSNR and SSIM against the uncached images, and the share of
+block's attention ran), wall-clock speedup against the uncached run (median of ``--repeats``
+paired rounds, the uncached run measured just before the cached one in each), PSNR and SSIM against the uncached images, and the share of
 images that the digit classifier reads as the prompted digit.
 
 Methods: magsdk (calibrated with ``magsdk.calibrate`` on the default prompts, with a seed kept
@@ -280,9 +280,9 @@ FULL = Sweep(
     fbc_thresholds=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
     taylor_intervals=[2, 3, 4, 6, 8, 12],
     dbcache_thresholds=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8],
-    # every even budget from 26 down to 8, the step counts where peers sit (TaylorSeer 15 and 7, FirstBlockCache
-    # 5) and 4, the fewest the planner reaches with runs of at most 6 skips (28 = 4 x 7)
-    planner_budgets=[26, 24, 22, 20, 18, 16, 15, 14, 12, 10, 8, 7, 5, 4],
+    # every even budget from 26 down to 8 and 27 (one skip per branch), the step counts where peers sit (TaylorSeer
+    # 15 and 7, FirstBlockCache 5, 3 and 2) and 4
+    planner_budgets=[27, 26, 24, 22, 20, 18, 16, 15, 14, 12, 10, 8, 7, 5, 4, 3, 2],
     forecast_thresholds=[0.02, 0.06, 0.15, 0.4, 1.0],
 )
 QUICK = Sweep(
@@ -689,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 4, quick 1)")
     parser.add_argument("--prompts", type=int, default=None,
                         help="how many of the 10 digit prompts (default 10, quick 4)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3, quick 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="paired timing rounds per point (default 5: medians of at least 5 rounds; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps (default: the reference's, 28)")
     parser.add_argument("--model", type=Path, default=None, help="a reference-style folder (default: the bundled one)")
     parser.add_argument("--threads", type=int, default=1,
@@ -706,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or settings.num_inference_steps
     n_prompts = args.prompts or (4 if args.quick else 10)
     seeds = list(range(args.seeds or (1 if args.quick else 4)))
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     started = time.perf_counter()
     points: list[Point] = []
     transfer: list[dict[str, Any]] = []
