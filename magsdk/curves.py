@@ -89,7 +89,8 @@ class TimestepMap:
         )
 
     def ratio(self, previous: float, current: float, first: bool = False) -> float:
-        """The growth from ``previous`` to ``current``; ``first``: the run's first step (it carries the start-up jump)."""
+        """The growth from ``previous`` to ``current``; ``first``: the run's first step (it carries the start-up
+        jump)."""
         i, j = self._index(previous), self._index(current)
         if i is not None and j is not None and j == i + 1 and first == (i == 0):
             return self.curve[j]

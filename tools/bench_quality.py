@@ -8,8 +8,9 @@
 Every method generates the same prompts and seeds, in one process, as one batched pipeline call
 per point. For each point: transformer calls computed (a call counts as computed when the last
 block's attention ran), wall-clock speedup against the uncached run (median of ``--repeats``
-paired rounds, the uncached run measured just before the cached one in each), PSNR and SSIM against the uncached images, and the share of
-images that the digit classifier reads as the prompted digit.
+paired rounds, the uncached run measured just before the cached one in each), PSNR and SSIM
+against the uncached images, and the share of images that the digit classifier reads as the
+prompted digit.
 
 Methods: magsdk (calibrated with ``magsdk.calibrate`` on the default prompts, with a seed kept
 out of the evaluation), diffusers' MagCache (calibrated with its own ``calibrate=True`` mode; the

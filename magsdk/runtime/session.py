@@ -33,7 +33,7 @@ from magsdk.runtime.distributed import PlanGuard
 from magsdk.runtime.layout import ArgumentReader, forward_parameters
 from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Gatherer, Reducer, merge_runs
 from magsdk.runtime.stack import BlockStack
-from magsdk.runtime.stats import CacheStats, CallRecord
+from magsdk.runtime.stats import CacheStats
 from magsdk.runtime.steps import CallPosition, SchedulerProbe, StepTracker
 from magsdk.strategy import MagCacheStrategy
 
@@ -46,6 +46,12 @@ def eager(fn: F) -> F:
     """Keep ``fn`` out of ``torch.compile`` graphs: the decision is plain Python on plain numbers."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
+
+
+#: True while dynamo traces (a constant to it); the wrapped forward then calls the ``torch.compiler.disable``
+#: versions of the decision code. Outside tracing it calls the plain ones: the disable wrapper costs ~8 Python
+#: calls per use, twice per transformer call (docs/benchmarks.md, "Runtime work per call, counted").
+_is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 @dataclass
@@ -181,18 +187,26 @@ class CacheSession:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not session.attached:
                 return original(*args, **kwargs)
+            if _is_compiling():
+                call = session.before_call_outside_graph(args, kwargs)
+                try:
+                    output = original(*args, **kwargs)
+                except BaseException:
+                    session.abort_call()  # no state leaks into the next generation
+                    raise
+                session.after_call_outside_graph(call)
+                return output
             call = session.before_call(args, kwargs)
             try:
                 output = original(*args, **kwargs)
             except BaseException:
-                session.abort_call()  # no state leaks into the next generation
+                session.abort_call()
                 raise
             session.after_call(call)
             return output
 
         return forward
 
-    @eager
     def before_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActiveCall:
         """Place the call, decide it, and put the matching layout into the block lists."""
         observed: list[float | None] = []
@@ -253,7 +267,6 @@ class CacheSession:
         assert state.schedule is not None
         return residual * state.schedule.growth(state.residual_step, step)
 
-    @eager
     def after_call(self, call: ActiveCall) -> None:
         """Put the real blocks back; on a computed call keep the new residual (and calibration sums)."""
         gate = self.stack.gate
@@ -273,12 +286,11 @@ class CacheSession:
         finally:
             self.stack.leave()
         position = call.position
-        self.stats.record(
-            CallRecord.model_construct(
-                generation=position.generation, branch=position.branch, step=position.step,
-                timestep=call.timestep, computed=not call.skip, module=self.name,
-            )
-        )
+        self.stats.note(position.generation, position.branch, position.step, call.timestep, not call.skip, self.name)
+
+    #: What a compiled forward calls: the same code, kept out of the graph (``torch.compiler.disable``).
+    before_call_outside_graph = eager(before_call)
+    after_call_outside_graph = eager(after_call)
 
     @eager
     def abort_call(self) -> None:

@@ -8,6 +8,7 @@ bound. Counters cover every generation; per-call records are kept for the last
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -28,6 +29,21 @@ class CallRecord(BaseModel):
     module: str = "transformer"
 
 
+class _Call(NamedTuple):
+    """A call as the hot path keeps it: a tuple, turned into a ``CallRecord`` only when read.
+
+    Building a pydantic object per transformer call cost ~15 Python calls per call, more than the rest
+    of the decision (docs/benchmarks.md, "Runtime work per call, counted").
+    """
+
+    generation: int
+    branch: str
+    step: int
+    timestep: float | None
+    computed: bool
+    module: str
+
+
 class CacheStats(BaseModel):
     """Counters plus a per-branch, per-step record of which calls were computed (recent generations)."""
 
@@ -38,29 +54,36 @@ class CacheStats(BaseModel):
     keep_generations: int = Field(DEFAULT_KEEP_GENERATIONS, ge=1)
     #: How each branch's curve was obtained in its latest generation (``"transformer:cond"`` → description).
     curves: dict[str, str] = Field(default_factory=dict)
-    _records: OrderedDict[tuple[str, int], list[CallRecord]] = PrivateAttr(default_factory=OrderedDict)
+    _records: OrderedDict[tuple[str, int], list[_Call]] = PrivateAttr(default_factory=OrderedDict)
 
     def note_curve(self, module: str, branch: str, how: str) -> None:
         self.curves[f"{module}:{branch}"] = how
 
     def record(self, call: CallRecord) -> None:
-        key = (call.module, call.generation)
-        calls = self._records.get(key)
+        self.note(call.generation, call.branch, call.step, call.timestep, call.computed, call.module)
+
+    def note(self, generation: int, branch: str, step: int, timestep: float | None, computed: bool,
+             module: str = "transformer") -> None:
+        """Count one call and keep its record (the runtime's per-call entry point: no pydantic object built)."""
+        key = (module, generation)
+        records = self._records
+        calls = records.get(key)
         if calls is None:
-            calls = self._records[key] = []
-            self.generations_seen = max(self.generations_seen, call.generation + 1)
-            while len({g for _, g in self._records}) > self.keep_generations:
-                self._records.popitem(last=False)
-        calls.append(call)
-        if call.computed:
-            self.computed_calls += 1
-        else:
-            self.skipped_calls += 1
+            calls = records[key] = []
+            self.generations_seen = max(self.generations_seen, generation + 1)
+            while len({g for _, g in records}) > self.keep_generations:
+                records.popitem(last=False)
+        calls.append(_Call(generation, branch, step, timestep, computed, module))
+        # counters are plain ints in the model's __dict__: bumping them there skips pydantic's __setattr__
+        # (no validation is configured for them) on every transformer call
+        counter = "computed_calls" if computed else "skipped_calls"
+        self.__dict__[counter] += 1
 
     @property
     def calls(self) -> list[CallRecord]:
         """Records of the generations kept, in call order per transformer."""
-        return sorted((c for calls in self._records.values() for c in calls), key=_order)
+        found = sorted((c for calls in self._records.values() for c in calls), key=_order)
+        return [CallRecord.model_construct(**c._asdict()) for c in found]
 
     @property
     def total_calls(self) -> int:
@@ -109,7 +132,7 @@ class CacheStats(BaseModel):
         self.curves.clear()
         self._records.clear()
 
-    def _calls_of(self, generation: int, module: str | None = None) -> list[CallRecord]:
+    def _calls_of(self, generation: int, module: str | None = None) -> list[_Call]:
         found = [
             c for (m, g), calls in self._records.items() if g == generation and module in (None, m) for c in calls
         ]
@@ -127,5 +150,5 @@ class CacheStats(BaseModel):
         return [c.step for c in self._calls_of(gen, module) if c.branch == name and c.computed == computed]
 
 
-def _order(call: CallRecord) -> tuple[int, int]:
+def _order(call: _Call) -> tuple[int, int]:
     return (call.generation, call.step)
