@@ -4,7 +4,7 @@ A calibration measures ``γ_i = ‖r_i‖ / ‖r_{i-1}‖`` on one schedule. A r
 count, shift or resolution. The product of the ratios between two steps is the growth of ‖r‖
 between their noise levels, so a curve is mapped through its recorded timesteps: the cumulative
 log-ratio is interpolated as a function of the timestep and differenced between the run's
-consecutive timesteps (docs/design.md, "Schedule transfer"). Curves without timesteps fall back
+consecutive timesteps (docs/design.md, section 6, "Schedules"). Curves without timesteps fall back
 to nearest-index resampling — the original's and diffusers' rule, kept as ``resample="index"``
 for parity.
 
@@ -66,7 +66,7 @@ class TimestepMap:
         #: The first ratio's start-up jump: a step effect (‖r_1‖/‖r_0‖ jumps at the first step whatever its
         #: noise-level gap), kept whole at a run's first step instead of spread over the steps a finer schedule
         #: puts in the calibration's first interval. The growth along the noise level over that first interval
-        #: is the next interval's rate, extrapolated (docs/design.md, "Schedule transfer").
+        #: is the next interval's rate, extrapolated (docs/design.md, section 6, "Schedules").
         self.startup = 0.0
         if len(self.curve) >= 3 and self.timesteps[2] != self.timesteps[1]:
             rate = (cumulative[2] - cumulative[1]) / (self.timesteps[2] - self.timesteps[1])

@@ -188,21 +188,16 @@ class CacheSession:
             if not session.attached:
                 return original(*args, **kwargs)
             if _is_compiling():
-                call = session.before_call_outside_graph(args, kwargs)
-                try:
-                    output = original(*args, **kwargs)
-                except BaseException:
-                    session.abort_call()  # no state leaks into the next generation
-                    raise
-                session.after_call_outside_graph(call)
-                return output
-            call = session.before_call(args, kwargs)
+                before, after = session.before_call_outside_graph, session.after_call_outside_graph
+            else:
+                before, after = session.before_call, session.after_call
+            call = before(args, kwargs)
             try:
                 output = original(*args, **kwargs)
             except BaseException:
-                session.abort_call()
+                session.abort_call()  # no state leaks into the next generation
                 raise
-            session.after_call(call)
+            after(call)
             return output
 
         return forward
