@@ -190,8 +190,8 @@ def plan_budget(
     r = PLANNER_RETENTION_RATIO if retention_ratio is None else retention_ratio
     k = max_skip_steps
     if k is None:
-        # No cap: a user who asks for 3 of 28 steps gets runs of 8-9 skips rather than an error; on the reference
-        # model 3 and 2 of 28 with the forecast measured above FirstBlockCache at the same calls (docs/benchmarks.md).
+        # No cap: a user who asks for 3 of 28 steps gets runs of 8-9 skips rather than an error (the quality
+        # sweep in docs/benchmarks.md measures budgets down to 2 of 28 against FirstBlockCache at the same calls).
         k = smallest_max_skip_steps(n, budget, r)
     least, most = budget_bounds(n, k, r)
     if not least <= budget <= most:
