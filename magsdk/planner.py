@@ -59,6 +59,12 @@ from magsdk.errors import UsageError
 if TYPE_CHECKING:  # config imports this module for its budget checks
     from magsdk.config import MagCacheConfig
 
+#: How far the runtime's forecast extrapolates, as a share of the interval its slope was measured over;
+#: further skips hold the value reached there. A line through two residuals drifts off a curving
+#: trajectory; the budget table of docs/benchmarks.md measures this reach against extrapolating the
+#: whole run (docs/design.md section 7).
+FORECAST_REACH = 0.5
+
 ErrorModel = Literal["acc_err", "acc_err_sq", "residual", "residual_std", "forecast"]
 ERROR_MODELS: tuple[str, ...] = get_args(ErrorModel)
 
@@ -258,6 +264,7 @@ def step_terms(
                 raise ValueError("sigmas must differ between steps; the forecast extrapolates in them")
             back = np.exp(-(log_norm[c] - log_norm[p]) - 1j * (angle[c] - angle[p]))  # z_p / z_c
             slope = np.where(gaps > 0, (x[jc] - x[c]) / np.where(dx == 0, 1.0, dx), 0.0)
+            slope = np.minimum(slope, FORECAST_REACH)  # the runtime holds the forecast past half the interval
             terms = np.abs(w - (1.0 + (1.0 - back) * slope))
         else:
             terms = np.abs(w - 1.0)
@@ -371,6 +378,7 @@ def largest_speedup(num_steps: int, least: int) -> str:
 __all__ = [
     "DEFAULT_ERROR_MODEL",
     "ERROR_MODELS",
+    "FORECAST_REACH",
     "BudgetPlan",
     "ErrorModel",
     "InfeasibleBudgetError",

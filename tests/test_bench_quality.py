@@ -105,6 +105,7 @@ def test_quick_budget_run_compares_the_planner_with_the_best_threshold(tmp_path:
     assert row["budget"] == 6
     for mode in ("residual", "scaled", "forecast"):
         assert row[f"planner {mode}"]["computed_calls"] == 2 * 6  # exactly the budget, both CFG branches
+    assert row["planner forecast full"]["computed_calls"] == 2 * 6  # the reach changes what a skip adds, not when
     for mode in ("residual", "forecast"):
         assert row[f"threshold {mode}"]["computed_calls"] <= 2 * 6
     assert bench.SECTION_BUDGET in out.read_text()

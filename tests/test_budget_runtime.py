@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tiny_models import denoise, tiny_flux
 
 import magsdk
-from magsdk.planner import InfeasibleBudgetError
+from magsdk.planner import FORECAST_REACH, InfeasibleBudgetError
 from strategies.flux import VARIANTS
 
 FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]  # flux.1-dev
@@ -79,6 +79,35 @@ def test_reuse_modes_change_what_a_skip_adds_not_which_steps_skip(flux, reuse):
     handle, out = run(copy.deepcopy(flux), magsdk.MagCacheConfig(reuse=reuse, **settings), 28)
     assert handle.stats.computed_steps() == base.stats.computed_steps()
     assert torch.equal(out, base_out) == (reuse == "residual")
+
+
+def test_the_forecast_extrapolates_half_its_interval_then_holds(flux):
+    # Computed steps 0 and 14: the skips 15..27 extrapolate the line through their residuals up to step 21
+    # (half of the 14-step interval, FORECAST_REACH) and reuse step 21's value after it.
+    settings = dict(mag_ratios=FLUX_RATIOS, threshold=10.0, max_skip_steps=13, retention_ratio=0.0)
+    model = copy.deepcopy(flux)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(reuse="forecast", **settings), scheduler=scheduler)
+    session = handle.sessions[0]
+    added: dict[int, torch.Tensor] = {}
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    original = session._reused
+
+    def spy(state, step):  # type: ignore[no-untyped-def]
+        added[step] = original(state, step).clone()
+        if state.previous is not None:
+            bases[step] = (state.previous.clone(), state.residual.clone())
+        return added[step]
+
+    session._reused = spy
+    denoise(model, 28, scheduler=scheduler)
+    assert handle.stats.computed_steps() == [0, 14]
+    assert sorted(added) == list(range(1, 14)) + list(range(15, 28))
+    first, last = bases[15]
+    for step in range(15, 28):
+        weight = min((step - 14) / 14, FORECAST_REACH)
+        torch.testing.assert_close(added[step], torch.lerp(first, last, 1.0 + weight))
+    assert not torch.equal(added[20], added[21]) and all(torch.equal(added[21], added[s]) for s in range(22, 28))
 
 
 def test_forecast_keeps_at_most_two_residuals_per_branch(flux):

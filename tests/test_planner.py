@@ -67,7 +67,7 @@ def reference_cost(run: dict[str, list[float]], computed: list[int], model: str)
                     growth = math.prod(curve[p + 1 : c + 1])
                     turn = sum(math.acos(1 - cos[m]) for m in range(p + 1, c + 1))
                     zp = cmath.exp(-1j * turn) / growth
-                    slope = (sig[j] - sig[c]) / (sig[c] - sig[p])
+                    slope = min((sig[j] - sig[c]) / (sig[c] - sig[p]), 0.5)  # the runtime's reach
                     term = abs(w - (1 + (1 - zp) * slope))
             total += term
     return total

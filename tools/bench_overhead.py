@@ -1,9 +1,12 @@
 """Runtime cost and memory: plain vs magsdk vs diffusers' MagCache, side by side in one process.
 
 Every method runs the same denoising loop (FlowMatchEulerDiscreteScheduler, one transformer call per
-step) on its own copy of the same weights. After a warm-up generation per method, the methods are
-timed in interleaved rounds (plain, then each cached method, plain again, ...) and each row reports
-the **median** over the rounds. ``ideal`` is ``plain × computed / total``: what a skip would cost if
+step) on one model (eager; attached and detached outside the timing). After a warm-up generation per
+method, the methods are timed in interleaved rounds (plain, then each cached method, plain again, ...;
+every other round in reverse order, so that no method always follows the same one) and each row
+reports the **median** over the rounds. A generation shorter than ``--sample-seconds`` is timed as
+several back-to-back generations per sample (their mean), so that one scheduler hiccup of the OS does
+not decide a 0.1 s sample. ``ideal`` is ``plain × computed / total``: what a skip would cost if
 everything outside the block stack were free; ``time / ideal`` above 1 is overhead. A speedup
 above the call ratio cannot be true and is flagged as noise, not printed as fact.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import statistics
@@ -71,7 +75,8 @@ DESCRIPTION = (
     "cost little, so the table shows the per-call overhead); *mid*: 4 + 8 blocks, 128 wide, 1024 image + 64 "
     "text tokens. In eager mode every method runs on the same model (attached before its run, detached after it, "
     "outside the timing), so no method is helped or hurt by where its copy of the weights sits. Each time is the "
-    "median of interleaved rounds after a warm-up; *ideal* is "
+    "median of interleaved rounds after a warm-up (every other round in reverse order; a generation shorter than "
+    "a second is timed as several back-to-back ones per sample, their mean, as the header says); *ideal* is "
     "`plain × computed / total`. A skipped step still runs the embeddings, final layer and scheduler, so "
     "`time / ideal` above 1 is expected; the goal is magsdk's no larger than diffusers'. *retained*: memory "
     "held between generations (tensors that are not parameters or buffers); *peak*: CUDA only."
@@ -102,6 +107,8 @@ class Row:
         return 0.0 if not self.median_s else self.plain_s / self.median_s
 
     plain_s: float = 0.0
+    #: Back-to-back generations per timed sample (each round's figure is their mean).
+    repeats: int = 1
 
 
 def build(size: str, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
@@ -246,17 +253,21 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
     for name in runs:
         memory[name] = run(name, lambda loop: measure_memory(args.device, loop, models))
     times: dict[str, list[float]] = {"plain": [], **{name: [] for name in runs}}
-    for _ in range(args.rounds):  # interleaved: plain between every cached method
-        for name in runs:
-            times["plain"].append(timed(plain))
-            times[name].append(run(name, timed))
+    repeats = generations_per_sample(plain, args.sample_seconds)
+    sample = functools.partial(timed, repeats=repeats)
+    names = list(runs)
+    for index in range(args.rounds):  # interleaved: plain between every cached method, every other round reversed
+        for name in names if index % 2 == 0 else names[::-1]:
+            times["plain"].append(sample(plain))
+            times[name].append(run(name, sample))
     plain_s = statistics.median(times["plain"])
+    print(f"# {size}/{mode}: {repeats} generation(s) per timed sample", flush=True)
     rows = [Row(size, mode, "plain", "-", args.steps, args.steps, plain_s, times["plain"], plain_s,
-                *memory["plain"], plain_s=plain_s)]
+                *memory["plain"], plain_s=plain_s, repeats=repeats)]
     for name, (method, label, _) in attachers.items():
         ideal = plain_s * computed[label] / args.steps
         rows.append(Row(size, mode, method, label, computed[label], args.steps, statistics.median(times[name]),
-                        times[name], ideal, *memory[name], plain_s=plain_s))
+                        times[name], ideal, *memory[name], plain_s=plain_s, repeats=repeats))
     return rows
 
 
@@ -316,10 +327,18 @@ def count_table(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return "\n".join(lines), verdicts
 
 
-def timed(fn: Callable[[], torch.Tensor]) -> float:
+def timed(fn: Callable[[], torch.Tensor], repeats: int = 1) -> float:
+    """Seconds per generation, the mean of ``repeats`` back-to-back generations."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def generations_per_sample(plain: Callable[[], torch.Tensor], seconds: float) -> int:
+    """How many back-to-back generations make one timed sample of about ``seconds`` (1 to 10)."""
+    once = timed(plain)
+    return max(1, min(10, round(seconds / max(once, 1e-6))))
 
 
 def table(rows: list[Row]) -> str:
@@ -347,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported; >= 5)")
+    parser.add_argument("--sample-seconds", type=float, default=1.0,
+                        help="time shorter generations several at a time, about this long per sample (mean of them)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); fewer = steadier timings")
     parser.add_argument("--modes", default=None, help="eager,compiled (default: eager; with --full both)")
     parser.add_argument("--json", type=Path, default=None, help="write every round's timings here")
@@ -371,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         for mode in modes:
             rows.extend(run_size(size, args, mode))
+    per_sample = {f"{r.size}/{r.mode} {r.repeats}": None for r in rows}
+    header += " generations per sample: " + ", ".join(per_sample)
     body = table(rows)
     verdicts = []
     for size in sizes:

@@ -27,6 +27,7 @@ from magsdk.conventions import TIMESTEP_ARGUMENT_NAMES
 from magsdk.curves import CurveSource, RunSchedule
 from magsdk.errors import BlockLayoutError
 from magsdk.patching import Patches
+from magsdk.planner import FORECAST_REACH
 from magsdk.ratios import BranchSchedule, Constraints
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.distributed import PlanGuard
@@ -258,6 +259,7 @@ class CacheSession:
             if state.previous is None or state.residual_step <= state.previous_step:
                 return residual
             weight = (step - state.residual_step) / (state.residual_step - state.previous_step)
+            weight = min(weight, FORECAST_REACH)
             return torch.lerp(state.previous, residual, 1.0 + weight)  # r_c + w · (r_c − r_p)
         assert state.schedule is not None
         return residual * state.schedule.growth(state.residual_step, step)

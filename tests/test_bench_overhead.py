@@ -1,0 +1,45 @@
+"""tools/bench_overhead.py on a few steps: every row is timed, both caches skip the same calls, its section is written.
+
+Timings are not asserted (they are the machine's, not the code's); what a run must get right is what it compares.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_overhead.py"
+
+
+def load_tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_overhead", TOOL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_overhead"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_short_tiny_run_times_every_method_and_writes_its_section(tmp_path: Path) -> None:
+    bench = load_tool()
+    out, data = tmp_path / "bench.md", tmp_path / "rounds.json"
+    out.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
+    assert bench.main(["--sizes", "tiny", "--steps", "8", "--rounds", "5", "--sample-seconds", "0.05",
+                       "--out", str(out), "--json", str(data)]) == 0
+    rows = json.loads(data.read_text())
+    assert [(r["method"], r["setting"]) for r in rows][:3] == [
+        ("plain", "-"), ("magsdk", "K=0 (skips nothing)"), ("diffusers", "K=0 (skips nothing)")]
+    assert len(rows) == 7 and all(r["median_s"] > 0 for r in rows)
+    assert len(rows[0]["rounds"]) == 5 * 6 and all(len(r["rounds"]) == 5 for r in rows[1:])  # plain before each
+    for setting in bench.SETTINGS:  # the same curve and settings skip the same calls in both caches
+        ours, theirs = (next(r for r in rows if r["method"] == m and r["setting"] == setting)
+                        for m in ("magsdk", "diffusers"))
+        assert ours["computed"] == theirs["computed"]
+    assert next(r for r in rows if r["setting"] == "K=0 (skips nothing)")["computed"] == 8
+    assert all(r["repeats"] >= 1 for r in rows)
+    text = out.read_text()
+    assert "## Another section\n\nkept" in text and bench.SECTION in text
+    assert "generations per sample: tiny/eager" in text and "**Findings (computed from the table above).**" in text
