@@ -5,22 +5,15 @@ Timings are not asserted (they are the machine's, not the code's); what a run mu
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_overhead.py"
+from tools_loader import load_tool as load_tool_named
 
 
 def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_overhead", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_overhead"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_named("bench_overhead")
 
 
 def test_a_short_tiny_run_times_every_method_and_writes_its_section(tmp_path: Path) -> None:

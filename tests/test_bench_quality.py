@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from diffusers_features import needs
+from tools_loader import load_tool as load_tool_named
 
 pytest.importorskip("sklearn")
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_quality.py"
 METHODS = (
     "magsdk (K=3, r=0.2)", "diffusers MagCache (K=3, r=0.2)", "diffusers FirstBlockCache", "diffusers TaylorSeer",
 )
 
 
 def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_quality", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_named("bench_quality")
 
 
 def test_write_section_keeps_the_rest_of_the_file(tmp_path: Path) -> None:

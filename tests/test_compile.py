@@ -8,14 +8,12 @@ all. CPU compilation takes minutes on this machine, hence ``slow`` (CI runs slow
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from tools_loader import load_tool as load_tool_named
 
 import magsdk
 
@@ -25,13 +23,7 @@ ATOL, RTOL = 5e-2, 1e-2
 
 
 def load_tool() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_compile.py"
-    spec = importlib.util.spec_from_file_location("bench_compile", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compile"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_named("bench_compile")
 
 
 @pytest.fixture(scope="module")
