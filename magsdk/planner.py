@@ -32,7 +32,9 @@ Measured on the reference model (``tools/research_planner.py``, 80 images, budge
 8 of 28 steps, true CFG; the tables are in docs): every model here, even one fed the residuals
 recorded in a real run, under-prices long runs of skips (a stale residual is added to an input that
 has itself drifted), so with K free up to 6 its schedules lost to evenly spaced computes by up to
-5 dB; the smallest K closes most of that gap. With the first-order forecast on skipped steps,
+5 dB; the smallest K closes most of that gap. With the first-order forecast on skipped steps
+(extrapolating whole runs, as the study's own executor does; the runtime's ``FORECAST_REACH`` came later
+and is measured in the budget table of docs/benchmarks.md),
 ``"residual"`` beat the best threshold setting at no more calls by 10.5, 11.5, 11.9 and 8.9 dB
 (2.8–8.1 dB when the threshold schedules get the forecast too), was on or above evenly spaced
 computes (+4.1, 0, +0.6, −0.1 ± 0.2 dB) and 1.5 dB above ``"acc_err"`` at 8 of 28. With plain reuse
