@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+from diffusers_features import needs
 from tools_loader import load_tool as load_tool_named
 
 
@@ -16,6 +17,7 @@ def load_tool() -> ModuleType:
     return load_tool_named("bench_overhead")
 
 
+@needs("diffusers.hooks.MagCacheConfig", feature="diffusers' MagCache (the tool compares against it)")
 def test_a_short_tiny_run_times_every_method_and_writes_its_section(tmp_path: Path) -> None:
     bench = load_tool()
     out, data = tmp_path / "bench.md", tmp_path / "rounds.json"
