@@ -28,13 +28,22 @@ def test_a_short_tiny_run_times_every_method_and_writes_its_section(tmp_path: Pa
     assert [(r["method"], r["setting"]) for r in rows][:3] == [
         ("plain", "-"), ("magsdk", "K=0 (skips nothing)"), ("diffusers", "K=0 (skips nothing)")]
     assert len(rows) == 7 and all(r["median_s"] > 0 for r in rows)
-    assert len(rows[0]["rounds"]) == 5 * 6 and all(len(r["rounds"]) == 5 for r in rows[1:])  # plain before each
+    count = rows[0]["round_count"]
+    assert count >= 5 and all(r["round_count"] == count for r in rows)
+    assert len(rows[0]["rounds"]) == 3 * count and all(len(r["rounds"]) == count for r in rows[1:])  # plain per pair
     for setting in bench.SETTINGS:  # the same curve and settings skip the same calls in both caches
         ours, theirs = (next(r for r in rows if r["method"] == m and r["setting"] == setting)
                         for m in ("magsdk", "diffusers"))
         assert ours["computed"] == theirs["computed"]
     assert next(r for r in rows if r["setting"] == "K=0 (skips nothing)")["computed"] == 8
-    assert all(r["repeats"] >= 1 for r in rows)
+    for r in rows:  # every figure is a paired ratio; only magsdk rows compare with diffusers
+        assert r["paired_ratio"] > 0
+        if r["method"] == "magsdk":
+            low, high = r["vs_diffusers_ci"]
+            assert low <= r["vs_diffusers"] <= high
+        else:
+            assert r["vs_diffusers"] is None
     text = out.read_text()
     assert "## Another section\n\nkept" in text and bench.SECTION in text
-    assert "generations per sample: tiny/eager" in text and "**Findings (computed from the table above).**" in text
+    assert "rounds of single generations: tiny/eager" in text
+    assert "**Findings (computed from the table above).**" in text

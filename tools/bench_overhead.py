@@ -2,13 +2,18 @@
 
 Every method runs the same denoising loop (FlowMatchEulerDiscreteScheduler, one transformer call per
 step) on one model (eager; attached and detached outside the timing). After a warm-up generation per
-method, the methods are timed in interleaved rounds (plain, then each cached method, plain again, ...;
-every other round in reverse order, so that no method always follows the same one) and each row
-reports the **median** over the rounds. A generation shorter than ``--sample-seconds`` is timed as
-several back-to-back generations per sample (their mean), so that one scheduler hiccup of the OS does
-not decide a 0.1 s sample. ``ideal`` is ``plain × computed / total``: what a skip would cost if
-everything outside the block stack were free; ``time / ideal`` above 1 is overhead. A speedup
-above the call ratio cannot be true and is flagged as noise, not printed as fact.
+method, the methods are timed in interleaved rounds of single generations: per setting, one plain
+generation, then magsdk's and diffusers' back to back (which of the two goes first alternates, and
+every other round the settings run in reverse order). Every figure is a **median of paired
+ratios**: a method's generation divided by the plain one timed just before it (``time / ideal``,
+``speedup``), and magsdk's divided by diffusers' of the same pair (with a 95 % bootstrap interval).
+On a shared machine the speed of the same generation drifts by ±30 % over seconds (measured: a
+tiny plain generation took 0.14-0.30 s in one minute, CPU time as much as wall time); neighbours in
+time share that drift, so their ratio cancels it where separate medians cannot. A generation shorter
+than ``--sample-seconds`` gets more rounds instead (``--rounds`` × about ``sample-seconds / its
+time``, at most 10×). ``ideal`` is ``plain × computed / total``: what a skip would cost if everything
+outside the block stack were free; ``time / ideal`` above 1 is overhead. A speedup above the call
+ratio cannot be true and is flagged as noise, not printed as fact.
 
 Retained memory is what a method keeps alive between generations: on the CPU the bytes of tensors
 that are not parameters or buffers (a ``gc`` walk), on CUDA ``torch.cuda.memory_allocated()``; on
@@ -29,9 +34,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import gc
 import json
+import random
 import statistics
 import sys
 import time
@@ -74,11 +79,16 @@ DESCRIPTION = (
     "0.06/3/0.2 and the MagCache repository's 0.24/5/0.1. *tiny*: 2 + 2 blocks on 16 image tokens (the blocks "
     "cost little, so the table shows the per-call overhead); *mid*: 4 + 8 blocks, 128 wide, 1024 image + 64 "
     "text tokens. In eager mode every method runs on the same model (attached before its run, detached after it, "
-    "outside the timing), so no method is helped or hurt by where its copy of the weights sits. Each time is the "
-    "median of interleaved rounds after a warm-up (every other round in reverse order; a generation shorter than "
-    "a second is timed as several back-to-back ones per sample, their mean, as the header says); *ideal* is "
-    "`plain × computed / total`. A skipped step still runs the embeddings, final layer and scheduler, so "
-    "`time / ideal` above 1 is expected; the goal is magsdk's no larger than diffusers'. *retained*: memory "
+    "outside the timing), so no method is helped or hurt by where its copy of the weights sits. After a warm-up, "
+    "each round times single generations: per setting one plain, then magsdk and diffusers back to back (which "
+    "goes first alternates; every other round the settings run in reverse order); short generations get more "
+    "rounds (the header says how many). On this shared machine the same generation's speed drifts by up to ±30 % "
+    "over seconds, so each figure is a **median of paired ratios** between generations timed next to each other: "
+    "*speedup* and *time / ideal* against the plain generation just before, *magsdk / diffusers* between the two "
+    "caches of the same pair, with a 95 % bootstrap interval (an interval containing 1.000 means the two are not "
+    "told apart at this precision). *median time* is the plain median of each method's own samples, for scale. "
+    "*ideal* is `plain × computed / total`. A skipped step still runs the embeddings, final layer and scheduler, "
+    "so `time / ideal` above 1 is expected; the goal is magsdk's no larger than diffusers'. *retained*: memory "
     "held between generations (tensors that are not parameters or buffers); *peak*: CUDA only."
 )
 SETTINGS = {
@@ -104,11 +114,20 @@ class Row:
 
     @property
     def speedup(self) -> float:
-        return 0.0 if not self.median_s else self.plain_s / self.median_s
+        return 0.0 if not self.paired_ratio else 1.0 / self.paired_ratio
 
     plain_s: float = 0.0
-    #: Back-to-back generations per timed sample (each round's figure is their mean).
-    repeats: int = 1
+    #: Timed rounds (one generation per method per round).
+    round_count: int = 1
+    #: Median over rounds of this generation / the plain generation timed just before it.
+    paired_ratio: float = 1.0
+    #: magsdk rows: median of magsdk / diffusers over pairs timed back to back, and its 95 % bootstrap interval.
+    vs_diffusers: float | None = None
+    vs_diffusers_ci: tuple[float, float] | None = None
+
+    @property
+    def time_over_ideal(self) -> float:
+        return self.paired_ratio * self.total / self.computed if self.computed else 0.0
 
 
 def build(size: str, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
@@ -252,23 +271,43 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
     memory = {"plain": measure_memory(args.device, plain, models)}  # also the warm-up
     for name in runs:
         memory[name] = run(name, lambda loop: measure_memory(args.device, loop, models))
+    rounds = args.rounds * generations_per_sample(plain, args.sample_seconds)
     times: dict[str, list[float]] = {"plain": [], **{name: [] for name in runs}}
-    repeats = generations_per_sample(plain, args.sample_seconds)
-    sample = functools.partial(timed, repeats=repeats)
-    names = list(runs)
-    for index in range(args.rounds):  # interleaved: plain between every cached method, every other round reversed
-        for name in names if index % 2 == 0 else names[::-1]:
-            times["plain"].append(sample(plain))
-            times[name].append(run(name, sample))
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
+    head_to_head: dict[str, list[float]] = {label: [] for label in SETTINGS}
+    labels = list(SETTINGS)
+    for index in range(rounds):
+        for position, label in enumerate(labels if index % 2 == 0 else labels[::-1]):
+            before = timed(plain)
+            times["plain"].append(before)
+            pair = [f"magsdk | {label}", f"diffusers | {label}"]
+            sample: dict[str, float] = {}
+            for name in pair if (index + position) % 2 == 0 else pair[::-1]:
+                sample[name] = run(name, timed)
+                times[name].append(sample[name])
+                ratios[name].append(sample[name] / before)
+            head_to_head[label].append(sample[pair[0]] / sample[pair[1]])
     plain_s = statistics.median(times["plain"])
-    print(f"# {size}/{mode}: {repeats} generation(s) per timed sample", flush=True)
+    print(f"# {size}/{mode}: {rounds} rounds of single generations", flush=True)
     rows = [Row(size, mode, "plain", "-", args.steps, args.steps, plain_s, times["plain"], plain_s,
-                *memory["plain"], plain_s=plain_s, repeats=repeats)]
+                *memory["plain"], plain_s=plain_s, round_count=rounds)]
     for name, (method, label, _) in attachers.items():
         ideal = plain_s * computed[label] / args.steps
-        rows.append(Row(size, mode, method, label, computed[label], args.steps, statistics.median(times[name]),
-                        times[name], ideal, *memory[name], plain_s=plain_s, repeats=repeats))
+        row = Row(size, mode, method, label, computed[label], args.steps, statistics.median(times[name]),
+                  times[name], ideal, *memory[name], plain_s=plain_s, round_count=rounds,
+                  paired_ratio=statistics.median(ratios[name]))
+        if method == "magsdk":
+            row.vs_diffusers = statistics.median(head_to_head[label])
+            row.vs_diffusers_ci = median_interval(head_to_head[label])
+        rows.append(row)
     return rows
+
+
+def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the median (seeded: the same samples always print the same interval)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def count_work(size: str, steps: int) -> list[dict[str, Any]]:
@@ -327,16 +366,15 @@ def count_table(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return "\n".join(lines), verdicts
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int = 1) -> float:
-    """Seconds per generation, the mean of ``repeats`` back-to-back generations."""
+def timed(fn: Callable[[], torch.Tensor]) -> float:
+    """Seconds of one generation."""
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    fn()
+    return time.perf_counter() - start
 
 
 def generations_per_sample(plain: Callable[[], torch.Tensor], seconds: float) -> int:
-    """How many back-to-back generations make one timed sample of about ``seconds`` (1 to 10)."""
+    """How many generations add up to about ``seconds`` (1 to 10): the factor short generations get more rounds by."""
     once = timed(plain)
     return max(1, min(10, round(seconds / max(once, 1e-6))))
 
@@ -344,18 +382,41 @@ def generations_per_sample(plain: Callable[[], torch.Tensor], seconds: float) ->
 def table(rows: list[Row]) -> str:
     lines = [
         "| size | mode | method | setting | computed / total | median time (s) | speedup | ideal (s) | time / ideal "
-        "| retained (MB) | peak (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| magsdk / diffusers (95 % interval) | retained (MB) | peak (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = f"{r.speedup:.2f}x"
         if r.computed and r.speedup > r.total / r.computed * 1.001:
             speedup += " (noise: above the call ratio)"
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
+        versus = "-"
+        if r.vs_diffusers is not None and r.vs_diffusers_ci is not None:
+            versus = f"{r.vs_diffusers:.3f} ({r.vs_diffusers_ci[0]:.3f}-{r.vs_diffusers_ci[1]:.3f})"
         lines.append(f"| {r.size} | {r.mode} | {r.method} | {r.setting} | {r.computed} / {r.total} | "
-                     f"{r.median_s:.4f} | {speedup} | {r.ideal_s:.4f} | {r.median_s / r.ideal_s:.3f} | "
+                     f"{r.median_s:.4f} | {speedup} | {r.ideal_s:.4f} | {r.time_over_ideal:.3f} | {versus} | "
                      f"{r.retained_mb:.3f} | {peak} |")
     return "\n".join(lines)
+
+
+def verdict(sub: list[Row]) -> str:
+    """The goal per size and mode (magsdk's time / ideal no larger than diffusers'), and what the pairs can tell."""
+    worse, unresolved = [], []
+    for r in sub:
+        d = next((d for d in sub if d.method == "diffusers" and d.setting == r.setting), None)
+        if r.method != "magsdk" or d is None:
+            continue
+        if r.time_over_ideal > d.time_over_ideal:
+            worse.append(f"{r.setting}: magsdk {r.time_over_ideal:.3f} vs diffusers {d.time_over_ideal:.3f}")
+        if r.vs_diffusers_ci is not None and r.vs_diffusers_ci[0] <= 1.0 <= r.vs_diffusers_ci[1]:
+            unresolved.append(r.setting)
+    settings = sum(1 for r in sub if r.method == "magsdk")
+    text = (f"{sub[0].size}/{sub[0].mode}: magsdk's time / ideal <= diffusers' on {settings - len(worse)} of "
+            f"{settings} settings" + (f" (not on {'; '.join(worse)})" if worse else ""))
+    if unresolved:
+        text += (f"; magsdk / diffusers has 1.000 inside its 95 % interval on {len(unresolved)} of {settings} "
+                 f"({', '.join(unresolved)}): there the two are not told apart on this machine")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported; >= 5)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="interleaved timing rounds (medians of paired ratios reported; >= 5)")
     parser.add_argument("--sample-seconds", type=float, default=1.0,
-                        help="time shorter generations several at a time, about this long per sample (mean of them)")
+                        help="generations shorter than this get proportionally more rounds (at most 10x)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); fewer = steadier timings")
     parser.add_argument("--modes", default=None, help="eager,compiled (default: eager; with --full both)")
     parser.add_argument("--json", type=Path, default=None, help="write every round's timings here")
@@ -392,21 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         for mode in modes:
             rows.extend(run_size(size, args, mode))
-    per_sample = {f"{r.size}/{r.mode} {r.repeats}": None for r in rows}
-    header += " generations per sample: " + ", ".join(per_sample)
+    per_size = {f"{r.size}/{r.mode} {r.round_count}": None for r in rows}
+    header += " rounds of single generations: " + ", ".join(per_size)
     body = table(rows)
-    verdicts = []
-    for size in sizes:
-        for mode in modes:
-            sub = [r for r in rows if r.size == size and r.mode == mode]
-            worse = [
-                f"{r.setting}: magsdk {r.median_s / r.ideal_s:.3f} vs diffusers {d.median_s / d.ideal_s:.3f}"
-                for r in sub if r.method == "magsdk"
-                for d in sub if d.method == "diffusers" and d.setting == r.setting
-                if r.median_s / r.ideal_s > d.median_s / d.ideal_s
-            ]
-            verdicts.append(f"{size}/{mode}: magsdk's time / ideal <= diffusers' on {3 - len(worse)} of 3 settings"
-                            + (f" (not on {'; '.join(worse)})" if worse else ""))
+    verdicts = [verdict([r for r in rows if r.size == size and r.mode == mode]) for size in sizes for mode in modes]
     print(body)
     print("\n".join("# " + v for v in verdicts))
     if args.out is not None:

@@ -66,7 +66,7 @@ class BranchState:
     previous_step: int = -1
 
 
-@dataclass
+@dataclass(slots=True)
 class ActiveCall:
     """The transformer call in flight."""
 
@@ -368,7 +368,10 @@ class CacheSession:
         value = self._timestep.read(args, kwargs)
         if isinstance(value, torch.Tensor):
             # the largest: per-token timesteps (Wan's expand_timesteps) give clean conditioning frames 0
-            return float(value.detach().amax()) if value.numel() else None
+            count = value.numel()
+            if count == 1:  # the usual case: ``item`` reads it without dispatching a reduction first (~6 → 0.3 µs)
+                return float(value.item())
+            return float(value.detach().amax().item()) if count else None
         return float(value) if isinstance(value, (int, float)) else None
 
     def _argument_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | float | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger("magsdk")
 
@@ -27,9 +27,9 @@ DEFAULT_BRANCH_PREFIX = "pass"
 MAX_BRANCHES_PER_STEP = 16
 
 
-@dataclass(frozen=True)
-class CallPosition:
-    """Where one transformer call sits: generation, step, branch."""
+class CallPosition(NamedTuple):
+    """Where one transformer call sits: generation, step, branch (a tuple: one is built per call, and a frozen
+    dataclass costs several times more to build)."""
 
     generation: int
     step: int
