@@ -137,8 +137,11 @@ def build(size: str, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
 
 
 def make_loop(model: torch.nn.Module, steps: int, image_tokens: int, text_tokens: int, device: str,
-              dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+              dtype: torch.dtype, scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+              ) -> Callable[[], torch.Tensor]:
+    """A hand-written FLUX denoising loop on ``scheduler`` (set up anew each generation, as a pipeline does)."""
     cfg = model.config
+    scheduler = scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler()
     g = torch.Generator().manual_seed(0)
     side = int(image_tokens ** 0.5)
     img_ids = torch.zeros(side * side, 3)
@@ -157,7 +160,6 @@ def make_loop(model: torch.nn.Module, steps: int, image_tokens: int, text_tokens
     start = torch.randn(1, side * side, cfg.in_channels, generator=g).to(device=device, dtype=dtype)
 
     def loop() -> torch.Tensor:
-        scheduler = FlowMatchEulerDiscreteScheduler()
         scheduler.set_timesteps(steps, device=device)
         latents = start
         with torch.no_grad():
@@ -204,19 +206,23 @@ def measure_memory(
     return (held_bytes(device, models) - before) / 2**20, peak
 
 
-Attach = Callable[[torch.nn.Module], Callable[[], None]]
+#: Attach a cache to a model driven by a hand loop on the given scheduler; returns the detach.
+Attach = Callable[[torch.nn.Module, FlowMatchEulerDiscreteScheduler], Callable[[], None]]
 
 
 def attach_magsdk(settings: dict[str, Any]) -> Attach:
-    def attach(model: torch.nn.Module) -> Callable[[], None]:
-        handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", **settings))
+    def attach(model: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler) -> Callable[[], None]:
+        # a hand loop passes its scheduler, as the user guide says: steps are then known without reading the
+        # timestep tensor (no device→host read per call), as diffusers knows them from num_inference_steps
+        handle = magsdk.enable(model, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", **settings),
+                               scheduler=scheduler)
         return handle.disable
 
     return attach
 
 
 def attach_diffusers(settings: dict[str, Any], steps: int) -> Attach:
-    def attach(model: torch.nn.Module) -> Callable[[], None]:
+    def attach(model: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler) -> Callable[[], None]:
         model.enable_cache(DiffusersMagCacheConfig(mag_ratios=FLUX_RATIOS, num_inference_steps=steps,
                                                    **settings))
         return model.disable_cache
@@ -248,15 +254,17 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
     if mode == "compiled":
         for name, (_, _, attach) in attachers.items():
             model = copy.deepcopy(base)
-            attach(model)
+            scheduler = FlowMatchEulerDiscreteScheduler()
+            attach(model, scheduler)
             model.compile_repeated_blocks()
             models.append(model)
-            runs[name] = (make_loop(model, args.steps, image_tokens, text_tokens, args.device, dtype), None)
+            runs[name] = (make_loop(model, args.steps, image_tokens, text_tokens, args.device, dtype, scheduler), None)
         base.compile_repeated_blocks()
     else:
-        shared = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler()
+        shared = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype, scheduler)
         for name, (_, _, attach) in attachers.items():
-            runs[name] = (shared, (lambda attach=attach: attach(base)))
+            runs[name] = (shared, (lambda attach=attach: attach(base, scheduler)))
     plain = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype)
 
     def run(name: str, measure: Callable[[Callable[[], torch.Tensor]], Any]) -> Any:
@@ -319,7 +327,8 @@ def count_work(size: str, steps: int) -> list[dict[str, Any]]:
 
     image_tokens, text_tokens = TOKENS[size]
     model = build(size, "cpu", torch.float32)
-    loop = make_loop(model, steps, image_tokens, text_tokens, "cpu", torch.float32)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    loop = make_loop(model, steps, image_tokens, text_tokens, "cpu", torch.float32, scheduler)
     loop()
     rows = []
     methods: list[tuple[str, str, Attach | None, int]] = [("plain", "-", None, steps)]
@@ -330,7 +339,7 @@ def count_work(size: str, steps: int) -> list[dict[str, Any]]:
         methods += [("magsdk", label, attach_magsdk(settings), computed),
                     ("diffusers", label, attach_diffusers(settings, steps), computed)]
     for method, label, attach, computed in methods:
-        detach = attach(model) if attach is not None else None
+        detach = attach(model, scheduler) if attach is not None else None
         try:
             loop()  # warm: first-call work is not per-call work
             profiler = cProfile.Profile()
