@@ -7,9 +7,9 @@ generation, then magsdk's and diffusers' back to back (which of the two goes fir
 every other round the settings run in reverse order). Every figure is a **median of paired
 ratios**: a method's generation divided by the plain one timed just before it (``time / ideal``,
 ``speedup``), and magsdk's divided by diffusers' of the same pair (with a 95 % bootstrap interval).
-On a shared machine the speed of the same generation drifts by ±30 % over seconds (measured: a
-tiny plain generation took 0.14-0.30 s in one minute, CPU time as much as wall time); neighbours in
-time share that drift, so their ratio cancels it where separate medians cannot. A generation shorter
+A shared machine's speed drifts over seconds, in CPU time as much as in wall time (the findings
+print the plain generations' spread in each run); neighbours in time share that drift, so their
+ratio cancels it where separate medians cannot. A generation shorter
 than ``--sample-seconds`` gets more rounds instead (``--rounds`` × about ``sample-seconds / its
 time``, at most 10×). ``ideal`` is ``plain × computed / total``: what a skip would cost if everything
 outside the block stack were free; ``time / ideal`` above 1 is overhead. A speedup above the call
@@ -285,7 +285,7 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
     memory = {"plain": measure_memory(args.device, plain, models)}  # also the warm-up
     for name in runs:
         memory[name] = run(name, lambda loop: measure_memory(args.device, loop, models))
-    rounds = args.rounds * generations_per_sample(plain, args.sample_seconds)
+    rounds = args.rounds * rounds_factor(plain, args.sample_seconds)
     times: dict[str, list[float]] = {"plain": [], **{name: [] for name in runs}}
     ratios: dict[str, list[float]] = {name: [] for name in runs}
     head_to_head: dict[str, list[float]] = {label: [] for label in SETTINGS}
@@ -388,7 +388,7 @@ def timed(fn: Callable[[], torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def generations_per_sample(plain: Callable[[], torch.Tensor], seconds: float) -> int:
+def rounds_factor(plain: Callable[[], torch.Tensor], seconds: float) -> int:
     """How many generations add up to about ``seconds`` (1 to 10): the factor short generations get more rounds by."""
     once = timed(plain)
     return max(1, min(10, round(seconds / max(once, 1e-6))))
