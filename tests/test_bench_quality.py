@@ -85,7 +85,17 @@ def test_quick_transfer_run_compares_mapped_index_and_native(tmp_path: Path) -> 
         for name in ("mapped", "index", "native"):
             assert math.isfinite(row[name]["psnr_db"]) and row[name]["total_calls"] == 2 * row["steps"]
         assert isinstance(row["meets_goal"], bool)
-    assert bench.SECTION_TRANSFER in out.read_text()
+    grid = json.loads(data.read_text())["transfer_grid"]
+    assert [r["target"] for r in grid] == ["14 steps", "28 steps, shift 3"]
+    for row in grid:
+        assert [c["setting"] for c in row["settings"]] == ["0.06/3/0.2", "0.12/4/0.2"]
+        for cell in row["settings"]:
+            assert len(cell["native"]) == len(cell["mapped"]) == len(cell["index"]) == 2  # cond and uncond
+            assert all(1 <= n <= row["steps"] for n in cell["native"])
+            assert all(-n < d <= row["steps"] - n for d, n in zip(cell["mapped"], cell["native"], strict=True))
+    text = out.read_text()
+    assert bench.SECTION_TRANSFER in text and "### More schedules, by plan" in text
+    assert text.count("| 14 steps |") == 1 + 1  # the PSNR table's rows (one setting) and the grid's row
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ Each cache is attached fresh for every run, so that no state carries over betwee
 Schedule transfer (``--transfer``): magsdk calibrated once at 28 steps and run at 10, 14, 20 and
 50 steps and on a shift-3 scheduler, with the runtime's default mapping (through the recorded
 timesteps) and with nearest-index resampling, against a calibration made on each target schedule.
+A second table compares the same calibration with native ones on 17 schedules by ``magsdk.plan``
+(computed steps only, no images), and checks the plans against the measured runs where both exist.
 
 Every sentence of findings in the sections is computed from the points of the run that wrote
 them; nothing in those sections is written by hand.
@@ -371,8 +373,9 @@ def scheduler_shift(bench: Bench, shift: float | None) -> Iterator[None]:
         pipe.scheduler, bench.schedule = original, label
 
 
-def sweep_transfer(bench: Bench, steps: int, quick: bool) -> list[dict[str, Any]]:
-    """One calibration at ``steps``; every target schedule run with it (mapped, and by index) and natively."""
+def sweep_transfer(bench: Bench, steps: int, quick: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One calibration at ``steps``; every target schedule run with it (mapped, and by index) and natively;
+    then the schedule-level grid with the same calibration."""
     pipe = bench.pipe
     calibration = magsdk_calibration(pipe, steps, bench.prompts)
     rows: list[dict[str, Any]] = []
@@ -388,7 +391,57 @@ def sweep_transfer(bench: Bench, steps: int, quick: bool) -> list[dict[str, Any]
                                             attach_magsdk(pipe, ratios, th, k, retention, resample=resample), repeats=1)
                 row["meets_goal"] = transfer_goal(row["mapped"], row["native"])
                 rows.append(row)
+    return rows, sweep_transfer_grid(bench, calibration, quick)
+
+
+# The schedule-level grid: every target schedule calibrated natively, compared by plan (no images are made
+# for it, so it covers many more schedules than the PSNR table). ``magsdk.plan`` is what the runtime computes
+# (tests/test_schedule_transfer.py asserts plan == runtime per branch), so computed steps are exact here.
+GRID_TARGETS: list[tuple[int, float | None]] = [
+    (8, None), (10, None), (12, None), (14, None), (16, None), (20, None), (24, None), (32, None), (40, None),
+    (50, None), (14, 2.0), (28, 2.0), (20, 3.0), (28, 3.0), (40, 3.0), (50, 3.0), (28, 5.0),
+]
+GRID_SETTINGS = [*TRANSFER_SETTINGS, (0.03, 2, 0.2), (0.18, 4, 0.1), (0.4, 6, 0.1)]
+QUICK_GRID_TARGETS = [(14, None), (28, 3.0)]
+QUICK_GRID_SETTINGS = GRID_SETTINGS[:2]
+
+
+def grid_label(steps: int, shift: float | None) -> str:
+    return f"{steps} steps" + ("" if shift is None else f", shift {shift:g}")
+
+
+def sweep_transfer_grid(bench: Bench, calibration: magsdk.CalibrationResult, quick: bool) -> list[dict[str, Any]]:
+    """Per target schedule and setting: computed steps per branch, mapped and by index, minus a native calibration's."""
+    rows: list[dict[str, Any]] = []
+    for target, shift in QUICK_GRID_TARGETS if quick else GRID_TARGETS:
+        if shift is None and target == calibration.num_steps:
+            continue  # the calibrated schedule itself: the mapping is the identity there
+        with scheduler_shift(bench, shift):
+            native = magsdk_calibration(bench.pipe, target, bench.prompts)
+        assert native.schedule is not None, "the reference pipeline has a scheduler: its schedule is recorded"
+        timesteps = native.schedule.timesteps
+        row: dict[str, Any] = {"target": grid_label(target, shift), "steps": target, "settings": []}
+        for th, k, retention in QUICK_GRID_SETTINGS if quick else GRID_SETTINGS:
+            config = magsdk.MagCacheConfig(threshold=th, max_skip_steps=k, retention_ratio=retention)
+            by_index = config.model_copy(update={"resample": "index"})
+            cell: dict[str, Any] = {"setting": f"{th:g}/{k}/{retention:g}", "mapped": [], "index": [], "native": []}
+            for branch in native.branches:
+                native_steps = len(magsdk.plan(native, config, target, branch, timesteps=timesteps).computed_steps)
+                mapped = magsdk.plan(calibration, config, target, branch, timesteps=timesteps)
+                index = magsdk.plan(calibration, by_index, target, branch, timesteps=timesteps)
+                cell["native"].append(native_steps)
+                cell["mapped"].append(len(mapped.computed_steps) - native_steps)
+                cell["index"].append(len(index.computed_steps) - native_steps)
+            row["settings"].append(cell)
+        print(f"transfer grid {row['target']}: mapped − native "
+              f"{[max(c['mapped'], key=abs) for c in row['settings']]}", flush=True)
+        rows.append(row)
     return rows
+
+
+def worst(diffs: list[int]) -> int:
+    """The branch farthest from the native calibration (signed)."""
+    return max(diffs, key=abs)
 
 
 def transfer_goal(mapped: Point, native: Point) -> bool:
@@ -625,7 +678,7 @@ def render_quality(points: list[Point], dit_reason: str | None, meta: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-def render_transfer(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def render_transfer(rows: list[dict[str, Any]], grid: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [SECTION_TRANSFER, ""]
     lines.append(f"Command: `{meta['command']}` ({meta['seconds']:.0f} s on {meta['machine']}, {meta['date']}).")
     lines.append("")
@@ -657,7 +710,78 @@ def render_transfer(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  f"{len(rows)} points; PSNR against the native calibration: mapped {min(mapped_gaps):+.2f} to "
                  f"{max(mapped_gaps):+.2f} dB, index resampling {min(index_gaps):+.2f} to {max(index_gaps):+.2f} dB.")
     lines.append("")
+    if grid:
+        lines.extend(render_transfer_grid(grid, meta))
+        lines.extend(cross_check(rows, grid))
     return "\n".join(lines) + "\n"
+
+
+def cross_check(rows: list[dict[str, Any]], grid: list[dict[str, Any]]) -> list[str]:
+    """Where both tables have a point, the plan's computed calls against the measured run's."""
+    cells = {(row["target"], cell["setting"]): cell for row in grid for cell in row["settings"]}
+    agree = checked = 0
+    for row in rows:
+        cell = cells.get((row["target"], row["setting"]))
+        if cell is None:
+            continue
+        native = sum(cell["native"])
+        mapped = native + sum(cell["mapped"])
+        index = native + sum(cell["index"])
+        checked += 1
+        agree += (row["native"].computed_calls, row["mapped"].computed_calls, row["index"].computed_calls) == (
+            native, mapped, index)
+    if not checked:
+        return []
+    return [f"Cross-check: at the {checked} points both tables share, the plans' computed calls (native, mapped, "
+            f"index) equal the measured runs' at {agree} of {checked}.", ""]
+
+
+def render_transfer_grid(grid: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    settings = [cell["setting"] for cell in grid[0]["settings"]]
+    lines = ["### More schedules, by plan", ""]
+    lines.append(
+        f"The same {meta['steps']}-step calibration against a native calibration on each of {len(grid)} target "
+        "schedules (the scheduler's shift and step count changed), compared by `magsdk.plan`, which computes exactly "
+        "the steps the runtime computes (a test asserts it): no images, so no PSNR; each cell is computed steps per "
+        "branch, *mapped − native* / *index − native* (the branch farthest from native); in brackets the native "
+        "calibration's computed steps per branch."
+    )
+    lines.append("")
+    lines.append("| target schedule | " + " | ".join(settings) + " |")
+    lines.append("|---|" + "---:|" * len(settings))
+    mapped_hist: dict[int, int] = {}
+    index_hist: dict[int, int] = {}
+    misses: list[str] = []
+    misses_sign: list[str] = []
+    for row in grid:
+        cells = []
+        for cell in row["settings"]:
+            m, i = worst(cell["mapped"]), worst(cell["index"])
+            mapped_hist[m] = mapped_hist.get(m, 0) + 1
+            index_hist[i] = index_hist.get(i, 0) + 1
+            if abs(m) > 1:
+                misses.append(f"{row['target']} at {cell['setting']} ({m:+d})")
+                misses_sign.append("+" if m > 0 else "-")
+            mark = "**" if abs(m) > 1 else ""
+            cells.append(f"{mark}{m:+d}{mark} / {i:+d} ({max(cell['native'])})")
+        lines.append(f"| {row['target']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    total = sum(mapped_hist.values())
+    within_mapped = sum(n for d, n in mapped_hist.items() if abs(d) <= 1)
+    within_index = sum(n for d, n in index_hist.items() if abs(d) <= 1)
+
+    def histogram(hist: dict[int, int]) -> str:
+        return ", ".join(f"{d:+d}: {n}" for d, n in sorted(hist.items()))
+
+    lines.append(
+        f"**Findings (computed from the table above).** Within ±1 computed step per branch of the native calibration: "
+        f"mapped at {within_mapped} of {total} points, index resampling at {within_index} of {total}. Mapped − native "
+        f"{{{histogram(mapped_hist)}}}; index − native {{{histogram(index_hist)}}}."
+        + (f" Beyond ±1 (mapped): {'; '.join(misses)}; {sum(m.endswith('+') for m in misses_sign)} of "
+           f"{len(misses)} compute more steps than native (they skip less: a speed cost, not a quality one)." if misses else "")
+    )
+    lines.append("")
+    return lines
 
 
 def frontier(points: list[Point], speed: Callable[[Point], float]) -> list[Point]:
@@ -737,13 +861,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     points: list[Point] = []
     transfer: list[dict[str, Any]] = []
+    grid: list[dict[str, Any]] = []
     budgets: list[dict[str, Any]] = []
     dit_reason: str | None = None
     with quiet():
         pipe = load_reference_pipeline(args.model)
         bench = Bench(pipe, DEFAULT_PROMPTS[:n_prompts], seeds, repeats)
         if args.transfer:
-            transfer = sweep_transfer(bench, steps, args.quick)
+            transfer, grid = sweep_transfer(bench, steps, args.quick)
         elif args.budget:
             budgets = sweep_budget(bench, steps, args.quick)
         else:
@@ -758,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_accuracy": digit_classifier(settings.height).prompt_accuracy(reference, bench.labels),
     }
     if args.transfer:
-        section = render_transfer(transfer, meta)
+        section = render_transfer(transfer, grid, meta)
         write_section(args.out, SECTION_TRANSFER, section)
     elif args.budget:
         section = render_budget(budgets, meta)
@@ -781,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
             return [{k: asdict(v) if isinstance(v, Point) else v for k, v in row.items()} for row in rows]
 
         payload = {"meta": meta, "points": [asdict(p) for p in points], "transfer": plain(transfer),
-                   "budget": plain(budgets), "cache_dit": dit_reason}
+                   "transfer_grid": grid, "budget": plain(budgets), "cache_dit": dit_reason}
         atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
     print(section)
     return 0
