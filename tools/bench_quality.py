@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -749,19 +750,17 @@ def render_transfer_grid(grid: list[dict[str, Any]], meta: dict[str, Any]) -> li
     lines.append("")
     lines.append("| target schedule | " + " | ".join(settings) + " |")
     lines.append("|---|" + "---:|" * len(settings))
-    mapped_hist: dict[int, int] = {}
-    index_hist: dict[int, int] = {}
-    misses: list[str] = []
-    misses_sign: list[str] = []
+    mapped_hist: Counter[int] = Counter()
+    index_hist: Counter[int] = Counter()
+    misses: list[tuple[str, int]] = []  # (where, mapped − native) beyond ±1
     for row in grid:
         cells = []
         for cell in row["settings"]:
             m, i = worst(cell["mapped"]), worst(cell["index"])
-            mapped_hist[m] = mapped_hist.get(m, 0) + 1
-            index_hist[i] = index_hist.get(i, 0) + 1
+            mapped_hist[m] += 1
+            index_hist[i] += 1
             if abs(m) > 1:
-                misses.append(f"{row['target']} at {cell['setting']} ({m:+d})")
-                misses_sign.append("+" if m > 0 else "-")
+                misses.append((f"{row['target']} at {cell['setting']}", m))
             mark = "**" if abs(m) > 1 else ""
             cells.append(f"{mark}{m:+d}{mark} / {i:+d} ({max(cell['native'])})")
         lines.append(f"| {row['target']} | " + " | ".join(cells) + " |")
@@ -770,15 +769,16 @@ def render_transfer_grid(grid: list[dict[str, Any]], meta: dict[str, Any]) -> li
     within_mapped = sum(n for d, n in mapped_hist.items() if abs(d) <= 1)
     within_index = sum(n for d, n in index_hist.items() if abs(d) <= 1)
 
-    def histogram(hist: dict[int, int]) -> str:
+    def histogram(hist: Counter[int]) -> str:
         return ", ".join(f"{d:+d}: {n}" for d, n in sorted(hist.items()))
 
     lines.append(
         f"**Findings (computed from the table above).** Within ±1 computed step per branch of the native calibration: "
         f"mapped at {within_mapped} of {total} points, index resampling at {within_index} of {total}. Mapped − native "
         f"{{{histogram(mapped_hist)}}}; index − native {{{histogram(index_hist)}}}."
-        + (f" Beyond ±1 (mapped): {'; '.join(misses)}; {sum(m.endswith('+') for m in misses_sign)} of "
-           f"{len(misses)} compute more steps than native (they skip less: a speed cost, not a quality one)." if misses else "")
+        + (f" Beyond ±1 (mapped): {'; '.join(f'{where} ({m:+d})' for where, m in misses)}; "
+           f"{sum(m > 0 for _, m in misses)} of {len(misses)} compute more steps than native (they skip less: a "
+           "speed cost, not a quality one)." if misses else "")
     )
     lines.append("")
     return lines
