@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from diffusers_features import needs
+import diffusers
+import pytest
+from diffusers_features import lacks, needs
 from tools_loader import load_tool as load_tool_named
 
 
@@ -47,3 +49,43 @@ def test_a_short_tiny_run_times_every_method_and_writes_its_section(tmp_path: Pa
     assert "## Another section\n\nkept" in text and bench.SECTION in text
     assert "rounds of single generations: tiny/eager" in text
     assert "**Findings (computed from the table above).**" in text
+
+
+@pytest.mark.slow
+@needs("diffusers.hooks.MagCacheConfig", feature="diffusers' MagCache (the tool compares against it)")
+@pytest.mark.skipif(not hasattr(diffusers.ModelMixin, "compile_repeated_blocks"),
+                    reason=lacks("ModelMixin.compile_repeated_blocks (the compiled mode uses it)"))
+def test_a_compiled_run_holds_one_copy_per_method_and_times_compiled_code_only(tmp_path: Path) -> None:
+    """The GPU check's compiled mode on the tiny model: three copies (not one per method and setting: FLUX.1-dev
+    would not fit), every setting measured, no graph compiled inside the timed rounds, and the section says
+    compiled / eager for magsdk and is written after each mode."""
+    bench = load_tool()
+    out, data = tmp_path / "bench.md", tmp_path / "rounds.json"
+    copies: list[int] = []
+    real_deepcopy = bench.copy.deepcopy
+
+    def counting_deepcopy(obj: object, *args: object) -> object:
+        if isinstance(obj, diffusers.FluxTransformer2DModel):  # not the submodules copied on the way
+            copies.append(1)
+        return real_deepcopy(obj, *args)
+
+    bench.copy.deepcopy = counting_deepcopy
+    try:
+        assert bench.main(["--sizes", "tiny", "--modes", "eager,compiled", "--steps", "6", "--rounds", "5",
+                           "--sample-seconds", "0.01", "--out", str(out), "--json", str(data)]) == 0
+    finally:
+        bench.copy.deepcopy = real_deepcopy
+    assert len(copies) == 2  # magsdk's and diffusers' compiled copies; plain runs on the model itself
+    rows = json.loads(data.read_text())
+    compiled = [r for r in rows if r["mode"] == "compiled"]
+    assert len(compiled) == 7
+    for setting in bench.SETTINGS:
+        ours, theirs = (next(r for r in compiled if r["method"] == m and r["setting"] == setting)
+                        for m in ("magsdk", "diffusers"))
+        assert ours["computed"] == theirs["computed"]
+        assert ours["compiled_in_rounds"] == theirs["compiled_in_rounds"] == 0
+    assert all(r["compiled_in_rounds"] is None for r in rows if r["mode"] == "eager")
+    text = out.read_text()
+    assert "rounds of single generations: tiny/eager 5, tiny/compiled" in text and "Incomplete" not in text
+    assert "graphs compiled during the timed rounds: 0 (the rounds timed compiled code only)" in text
+    assert "magsdk compiled / magsdk eager median time" in text

@@ -69,6 +69,17 @@ SIZES: dict[str, dict[str, Any]] = {
                  axes_dims_rope=(16, 56, 56)),
 }
 TOKENS = {"tiny": (16, 6), "mid": (1024, 64), "full": (4096, 512)}
+COMPILED_NOTE = (
+    " *compiled*: `compile_repeated_blocks()` on one copy of the model per method (plain, magsdk, diffusers); a "
+    "setting is attached to its copy for that setting's rounds, so the settings run one after another (re-attaching "
+    "makes the compiler specialise again, in an untimed warm-up generation), each round still plain, then magsdk "
+    "and diffusers back to back."
+)
+PEAK_NOTE = (
+    " *peak*: `torch.cuda.max_memory_allocated()` during one generation, less the weights of the model copies "
+    "that generation does not use (compiled mode holds three), so every row reads as one model's weights plus "
+    "what its run allocates."
+)
 SECTION = "## Runtime cost and memory: plain vs magsdk vs diffusers' MagCache"
 SECTION_GPU = "## GPU: FLUX.1-dev architecture"
 SECTION_COUNTS = "## Runtime work per call, counted: plain vs magsdk vs diffusers' MagCache"
@@ -127,6 +138,8 @@ class Row:
     #: magsdk rows: median of magsdk / diffusers over pairs timed back to back, and its 95 % bootstrap interval.
     vs_diffusers: float | None = None
     vs_diffusers_ci: tuple[float, float] | None = None
+    #: Compiled mode: graphs dynamo compiled while this row's rounds were timed (0: only compiled code was timed).
+    compiled_in_rounds: int | None = None
 
     @property
     def time_over_ideal(self) -> float:
@@ -134,9 +147,16 @@ class Row:
 
 
 def build(size: str, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """Random weights made on the device itself: FLUX.1-dev's 12 B parameters would take minutes and 48 GB of host
+    memory to initialise on the CPU first."""
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, **SIZES[size])
-    return model.to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        model = FluxTransformer2DModel(patch_size=1, **SIZES[size])
+    return model.to(dtype=dtype).eval()
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def make_loop(model: torch.nn.Module, steps: int, image_tokens: int, text_tokens: int, device: str,
@@ -200,15 +220,16 @@ def held_bytes(device: str, models: list[torch.nn.Module]) -> int:
 
 
 def measure_memory(
-    device: str, loop: Callable[[], torch.Tensor], models: list[torch.nn.Module]
+    device: str, loop: Callable[[], torch.Tensor], models: list[torch.nn.Module], idle: int = 0
 ) -> tuple[float, float | None]:
-    """(MB retained after one generation, peak MB during it on CUDA)."""
+    """(MB retained after one generation, peak MB during it on CUDA, less ``idle`` bytes: the weights of model
+    copies this run does not use, so that compiled rows, which hold one copy per method, read as one model)."""
     before = held_bytes(device, models)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out = loop()
     del out
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated() - idle) / 2**20 if device == "cuda" else None
     return (held_bytes(device, models) - before) / 2**20, peak
 
 
@@ -236,13 +257,66 @@ def attach_diffusers(settings: dict[str, Any], steps: int) -> Attach:
     return attach
 
 
+def time_group(
+    labels: list[str],
+    runs: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], Callable[[], None]] | None]],
+    rounds: int,
+    plain: Callable[[], torch.Tensor],
+    device: str,
+    models: list[torch.nn.Module],
+    idle: int,
+    memory: dict[str, tuple[float, float | None]],
+    times: dict[str, list[float]],
+    ratios: dict[str, list[float]],
+    head_to_head: dict[str, list[float]],
+) -> int:
+    """Memory (also each method's warm-up), then ``rounds`` interleaved rounds of these settings' generations.
+
+    Returns the graphs dynamo compiled during the rounds: in compiled mode anything but 0 means compiling was timed.
+    """
+
+    def run(name: str, measure: Callable[[Callable[[], torch.Tensor]], Any]) -> Any:
+        loop, attach = runs[name]
+        detach = attach() if attach is not None else None
+        try:
+            return measure(loop)
+        finally:
+            if detach is not None:
+                detach()
+
+    for name in runs:
+        memory[name] = run(name, lambda loop: measure_memory(device, loop, models, idle))
+    graphs_before = compiled_graphs()
+    for index in range(rounds):
+        for position, label in enumerate(labels if index % 2 == 0 else labels[::-1]):
+            before = timed(plain)
+            times["plain"].append(before)
+            pair = [f"magsdk | {label}", f"diffusers | {label}"]
+            sample: dict[str, float] = {}
+            for name in pair if (index + position) % 2 == 0 else pair[::-1]:
+                sample[name] = run(name, timed)
+                times[name].append(sample[name])
+                ratios[name].append(sample[name] / before)
+            head_to_head[label].append(sample[pair[0]] / sample[pair[1]])
+    return compiled_graphs() - graphs_before
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
     """One size: every method timed in interleaved rounds, medians reported.
 
     Eager: every method runs on the *same* model, attached before its run and detached after it (outside the
     timing), so no method gets a copy of the weights that happens to sit better in memory: with a deep copy per
-    method, the mid-size K=0 rows differed by 3-7 % between methods doing the same arithmetic. Compiled: one copy
-    per method, hooks attached before ``compile_repeated_blocks`` (recompiling per round would dominate).
+    method, the mid-size K=0 rows differed by 3-7 % between methods doing the same arithmetic. Compiled: one
+    compiled copy per method (plain, magsdk, diffusers: three copies of the weights, which is what fits a
+    FLUX.1-dev-sized model on one GPU; one per method and setting would not), a setting attached to its copy for
+    that setting's rounds (re-attaching makes the compiler specialise again, so the settings run one after another,
+    each re-attach followed by an untimed warm-up generation).
     """
     dtype = getattr(torch, args.dtype)
     image_tokens, text_tokens = TOKENS[size]
@@ -255,52 +329,48 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
         probe.disable()
         attachers[f"magsdk | {label}"] = ("magsdk", label, attach_magsdk(settings))
         attachers[f"diffusers | {label}"] = ("diffusers", label, attach_diffusers(settings, args.steps))
-    runs: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], Callable[[], None]] | None]] = {}
-    models = [base]
+    weights = model_bytes(base)
+    copies: dict[str, torch.nn.Module] = {}
     if mode == "compiled":
-        for name, (_, _, attach) in attachers.items():
-            model = copy.deepcopy(base)
-            scheduler = FlowMatchEulerDiscreteScheduler()
-            attach(model, scheduler)
-            model.compile_repeated_blocks()
-            models.append(model)
-            runs[name] = (make_loop(model, args.steps, image_tokens, text_tokens, args.device, dtype, scheduler), None)
-        base.compile_repeated_blocks()
+        copies = {method: copy.deepcopy(base) for method in ("magsdk", "diffusers")}
+        groups = [[label] for label in SETTINGS]
     else:
-        scheduler = FlowMatchEulerDiscreteScheduler()
-        shared = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype, scheduler)
-        for name, (_, _, attach) in attachers.items():
-            runs[name] = (shared, (lambda attach=attach: attach(base, scheduler)))
+        groups = [list(SETTINGS)]
+    models = [base, *copies.values()]
+    for model in models if mode == "compiled" else []:
+        model.compile_repeated_blocks()
+    idle = weights * (len(models) - 1)  # the copies a run does not use: not part of its peak
     plain = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype)
+    eager_scheduler = FlowMatchEulerDiscreteScheduler()
+    shared = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype, eager_scheduler)
 
-    def run(name: str, measure: Callable[[Callable[[], torch.Tensor]], Any]) -> Any:
-        loop, attach = runs[name]
-        detach = attach() if attach is not None else None
-        try:
-            return measure(loop)
-        finally:
-            if detach is not None:
-                detach()
-
-    memory = {"plain": measure_memory(args.device, plain, models)}  # also the warm-up
-    for name in runs:
-        memory[name] = run(name, lambda loop: measure_memory(args.device, loop, models))
+    memory = {"plain": measure_memory(args.device, plain, models, idle)}  # also the warm-up
     rounds = args.rounds * rounds_factor(plain, args.sample_seconds)
-    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in runs}}
-    ratios: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[float]] = {"plain": [], **{name: [] for name in attachers}}
+    ratios: dict[str, list[float]] = {name: [] for name in attachers}
     head_to_head: dict[str, list[float]] = {label: [] for label in SETTINGS}
-    labels = list(SETTINGS)
-    for index in range(rounds):
-        for position, label in enumerate(labels if index % 2 == 0 else labels[::-1]):
-            before = timed(plain)
-            times["plain"].append(before)
-            pair = [f"magsdk | {label}", f"diffusers | {label}"]
-            sample: dict[str, float] = {}
-            for name in pair if (index + position) % 2 == 0 else pair[::-1]:
-                sample[name] = run(name, timed)
-                times[name].append(sample[name])
-                ratios[name].append(sample[name] / before)
-            head_to_head[label].append(sample[pair[0]] / sample[pair[1]])
+    compiled_in_rounds: dict[str, int] = {}
+    for labels in groups:
+        runs: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], Callable[[], None]] | None]] = {}
+        detach_all: list[Callable[[], None]] = []
+        for label in labels:
+            for method in ("magsdk", "diffusers"):
+                name = f"{method} | {label}"
+                attach = attachers[name][2]
+                if copies:
+                    scheduler = FlowMatchEulerDiscreteScheduler()
+                    detach_all.append(attach(copies[method], scheduler))
+                    runs[name] = (make_loop(copies[method], args.steps, image_tokens, text_tokens, args.device,
+                                            dtype, scheduler), None)
+                else:
+                    runs[name] = (shared, (lambda attach=attach: attach(base, eager_scheduler)))
+        try:
+            graphs = time_group(labels, runs, rounds, plain, args.device, models, idle, memory, times, ratios,
+                                head_to_head)
+            compiled_in_rounds.update(dict.fromkeys(labels, graphs))
+        finally:
+            for detach in detach_all:
+                detach()
     plain_s = statistics.median(times["plain"])
     print(f"# {size}/{mode}: {rounds} rounds of single generations", flush=True)
     rows = [Row(size, mode, "plain", "-", args.steps, args.steps, plain_s, times["plain"], plain_s,
@@ -309,7 +379,8 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
         ideal = plain_s * computed[label] / args.steps
         row = Row(size, mode, method, label, computed[label], args.steps, statistics.median(times[name]),
                   times[name], ideal, *memory[name], plain_s=plain_s, round_count=rounds,
-                  paired_ratio=statistics.median(ratios[name]))
+                  paired_ratio=statistics.median(ratios[name]),
+                  compiled_in_rounds=compiled_in_rounds[label] if mode == "compiled" else None)
         if method == "magsdk":
             row.vs_diffusers = statistics.median(head_to_head[label])
             row.vs_diffusers_ci = median_interval(head_to_head[label])
@@ -443,7 +514,33 @@ def verdict(sub: list[Row]) -> str:
     if unresolved:
         text += (f"; 1.000 lies inside the 95 % interval on {len(unresolved)} of {settings} "
                  f"({', '.join(unresolved)}): there the two are not told apart on this machine")
+    peaks = [(r, next(d for d in sub if d.method == "diffusers" and d.setting == r.setting)) for r in sub
+             if r.method == "magsdk" and r.peak_mb is not None]
+    if peaks:
+        over = [f"{r.setting}: {r.peak_mb:.0f} vs {d.peak_mb:.0f} MB" for r, d in peaks
+                if d.peak_mb is not None and r.peak_mb is not None and r.peak_mb > d.peak_mb * 1.01]
+        text += (f"; peak memory within diffusers' + 1 % on {len(peaks) - len(over)} of {len(peaks)} settings"
+                 + (f" (not on {'; '.join(over)})" if over else ""))
+    if any(r.compiled_in_rounds is not None for r in sub):
+        recompiled = sum(r.compiled_in_rounds or 0 for r in sub if r.method == "magsdk")  # one count per setting
+        text += f"; graphs compiled during the timed rounds: {recompiled}" + (
+            " (the rounds timed compiled code only)" if recompiled == 0 else " (**timings include compiling**)")
     return text
+
+
+def compiled_against_eager(rows: list[Row]) -> str | None:
+    """The compile goal: magsdk compiled faster than magsdk eager, per size and setting (medians of separate runs)."""
+    parts = []
+    for r in rows:
+        e = next((e for e in rows if (e.size, e.method, e.setting, e.mode) == (r.size, r.method, r.setting, "eager")),
+                 None)
+        if r.mode == "compiled" and r.method == "magsdk" and e is not None:
+            parts.append(f"{r.size} {r.setting}: {r.median_s / e.median_s:.3f}")
+    if not parts:
+        return None
+    faster = sum(float(p.rsplit(": ", 1)[1]) < 1.0 for p in parts)
+    return (f"magsdk compiled / magsdk eager median time (separate runs, not interleaved): {'; '.join(parts)} — "
+            f"compiled faster on {faster} of {len(parts)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,26 +575,34 @@ def main(argv: list[str] | None = None) -> int:
               f"threads={torch.get_num_threads()} torch={torch.__version__} magsdk={magsdk.__version__}")
     print("# " + header)
     rows: list[Row] = []
-    for size in sizes:
-        for mode in modes:
-            rows.extend(run_size(size, args, mode))
-    per_size = {f"{r.size}/{r.mode} {r.round_count}": None for r in rows}
-    header += " rounds of single generations: " + ", ".join(per_size)
-    body = table(rows)
-    verdicts = [verdict([r for r in rows if r.size == size and r.mode == mode]) for size in sizes for mode in modes]
-    print(body)
-    print("\n".join("# " + v for v in verdicts))
-    if args.out is not None:
-        command = "python tools/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        title = SECTION_GPU if args.device == "cuda" else SECTION
-        section = (
-            f"{title}\n\nCommand: `{command.strip()}` ({time.perf_counter() - started:.0f} s, "
-            f"{time.strftime('%Y-%m-%d')}; {header}).\n\n{DESCRIPTION}\n\n{body}\n\n**Findings (computed from the "
-            "table above).** " + "; ".join(verdicts) + ".\n"
-        )
-        write_section(args.out, title, section)
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    runs = [(size, mode) for size in sizes for mode in modes]
+    for number, (size, mode) in enumerate(runs, start=1):
+        rows.extend(run_size(size, args, mode))
+        # written after every size and mode: a run stopped at a time limit still leaves what it measured
+        done = runs[:number]
+        per_size = {f"{r.size}/{r.mode} {r.round_count}": None for r in rows}
+        body = table(rows)
+        verdicts = [verdict([r for r in rows if (r.size, r.mode) == key]) for key in done]
+        compile_goal = compiled_against_eager(rows)
+        verdicts += [compile_goal] if compile_goal else []
+        print(body)
+        print("\n".join("# " + v for v in verdicts))
+        if args.out is not None:
+            command = "python tools/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            title = SECTION_GPU if args.device == "cuda" else SECTION
+            missing = [f"{s}/{m}" for s, m in runs[number:]]
+            section = (
+                f"{title}\n\nCommand: `{command.strip()}` ({time.perf_counter() - started:.0f} s, "
+                f"{time.strftime('%Y-%m-%d')}; {header} rounds of single generations: {', '.join(per_size)})."
+                + (f" **Incomplete: the run had not yet measured {', '.join(missing)}.**" if missing else "")
+                + f"\n\n{DESCRIPTION}{COMPILED_NOTE if 'compiled' in modes else ''}"
+                + f"{PEAK_NOTE if args.device == 'cuda' else ''}\n\n{body}\n\n**Findings (computed from the table "
+                "above).** "
+                + "; ".join(verdicts) + ".\n"
+            )
+            write_section(args.out, title, section)
+        if args.json:
+            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0
 
 
