@@ -578,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(size, mode) for size in sizes for mode in modes]
     for number, (size, mode) in enumerate(runs, start=1):
         rows.extend(run_size(size, args, mode))
+        gc.collect()  # the run's model copies go before the next run builds its own (FLUX.1-dev: 24 GB each)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         # written after every size and mode: a run stopped at a time limit still leaves what it measured
         done = runs[:number]
         per_size = {f"{r.size}/{r.mode} {r.round_count}": None for r in rows}
