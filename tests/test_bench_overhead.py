@@ -6,6 +6,7 @@ Timings are not asserted (they are the machine's, not the code's); what a run mu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -25,7 +26,7 @@ def test_a_short_tiny_run_times_every_method_and_writes_its_section(tmp_path: Pa
     out, data = tmp_path / "bench.md", tmp_path / "rounds.json"
     out.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
     assert bench.main(["--sizes", "tiny", "--steps", "8", "--rounds", "5", "--sample-seconds", "0.05",
-                       "--out", str(out), "--json", str(data)]) == 0
+                       "--sync-cost", "--out", str(out), "--json", str(data)]) == 0
     rows = json.loads(data.read_text())
     assert [(r["method"], r["setting"]) for r in rows][:3] == [
         ("plain", "-"), ("magsdk", "K=0 (skips nothing)"), ("diffusers", "K=0 (skips nothing)")]
@@ -49,6 +50,10 @@ def test_a_short_tiny_run_times_every_method_and_writes_its_section(tmp_path: Pa
     assert "## Another section\n\nkept" in text and bench.SECTION in text
     assert "rounds of single generations: tiny/eager" in text
     assert "**Findings (computed from the table above).**" in text
+    # the GPU check's measure of what reading each call's timestep costs, here on the CPU (no sync to pay)
+    assert re.search(r"magsdk without `scheduler=` \(it reads each call's timestep\) / with it, 0\.06/3/0\.2: "
+                     r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\), [+-]\d+\.\d{3} ms per call", text)
+    assert rows[0]["note"] and all(r["note"] is None for r in rows[1:])
 
 
 @pytest.mark.slow

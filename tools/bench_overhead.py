@@ -140,6 +140,8 @@ class Row:
     vs_diffusers_ci: tuple[float, float] | None = None
     #: Compiled mode: graphs dynamo compiled while this row's rounds were timed (0: only compiled code was timed).
     compiled_in_rounds: int | None = None
+    #: Plain rows: a further measured finding of this size and mode (the cost of reading the timestep per call).
+    note: str | None = None
 
     @property
     def time_over_ideal(self) -> float:
@@ -371,10 +373,13 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
         finally:
             for detach in detach_all:
                 detach()
+    note = None
+    if mode == "eager" and (args.device == "cuda" or args.sync_cost):
+        note = sync_cost(base, args, rounds, image_tokens, text_tokens, dtype)
     plain_s = statistics.median(times["plain"])
     print(f"# {size}/{mode}: {rounds} rounds of single generations", flush=True)
     rows = [Row(size, mode, "plain", "-", args.steps, args.steps, plain_s, times["plain"], plain_s,
-                *memory["plain"], plain_s=plain_s, round_count=rounds)]
+                *memory["plain"], plain_s=plain_s, round_count=rounds, note=note)]
     for name, (method, label, _) in attachers.items():
         ideal = plain_s * computed[label] / args.steps
         row = Row(size, mode, method, label, computed[label], args.steps, statistics.median(times[name]),
@@ -386,6 +391,49 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
             row.vs_diffusers_ci = median_interval(head_to_head[label])
         rows.append(row)
     return rows
+
+
+def sync_cost(base: torch.nn.Module, args: argparse.Namespace, rounds: int, image_tokens: int, text_tokens: int,
+              dtype: torch.dtype) -> str:
+    """What a bare transformer pays when magsdk is not given the loop's scheduler: it then reads each call's
+    timestep (on a GPU, one device→host synchronisation per call, which stops the host from queueing the next
+    call's kernels). magsdk at 0.06/3/0.2 with ``scheduler=`` and without it (``num_inference_steps`` instead),
+    timed back to back in alternating order."""
+    settings = SETTINGS["0.06/3/0.2"]
+    told, untold = FlowMatchEulerDiscreteScheduler(), FlowMatchEulerDiscreteScheduler()
+
+    def without_scheduler(model: torch.nn.Module, _: FlowMatchEulerDiscreteScheduler) -> Callable[[], None]:
+        config = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, resample="index", num_inference_steps=args.steps,
+                                       **settings)
+        return magsdk.enable(model, config).disable
+
+    runs = {"scheduler": (make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype, told),
+                          attach_magsdk(settings), told),
+            "timestep": (make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype, untold),
+                         without_scheduler, untold)}
+
+    def run(name: str) -> float:
+        loop, attach, scheduler = runs[name]
+        detach = attach(base, scheduler)
+        try:
+            return timed(loop)
+        finally:
+            detach()
+
+    for name in runs:  # warm-up
+        run(name)
+    ratios, differences = [], []
+    for index in range(rounds):
+        order = ["scheduler", "timestep"] if index % 2 == 0 else ["timestep", "scheduler"]
+        sample = {name: run(name) for name in order}
+        ratios.append(sample["timestep"] / sample["scheduler"])
+        differences.append(sample["timestep"] - sample["scheduler"])
+    low, high = median_interval(ratios)
+    per_call_ms = statistics.median(differences) / args.steps * 1e3
+    sync = ": one device→host sync per call" if args.device == "cuda" else ""
+    return (f"magsdk without `scheduler=` (it reads each call's timestep{sync}) "
+            f"/ with it, 0.06/3/0.2: {statistics.median(ratios):.3f} ({low:.3f}-{high:.3f}), "
+            f"{per_call_ms:+.3f} ms per call (median of {rounds} back-to-back pairs)")
 
 
 def median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -514,6 +562,9 @@ def verdict(sub: list[Row]) -> str:
     if unresolved:
         text += (f"; 1.000 lies inside the 95 % interval on {len(unresolved)} of {settings} "
                  f"({', '.join(unresolved)}): there the two are not told apart on this machine")
+    plain_row = next((r for r in sub if r.method == "plain"), None)
+    if plain_row is not None and plain_row.note:
+        text += "; " + plain_row.note
     peaks = [(r, next(d for d in sub if d.method == "diffusers" and d.setting == r.setting)) for r in sub
              if r.method == "magsdk" and r.peak_mb is not None]
     if peaks:
@@ -557,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU); fewer = steadier timings")
     parser.add_argument("--modes", default=None, help="eager,compiled (default: eager; with --full both)")
     parser.add_argument("--json", type=Path, default=None, help="write every round's timings here")
+    parser.add_argument("--sync-cost", action="store_true",
+                        help="also time magsdk without scheduler= (reading each call's timestep); always on CUDA")
     parser.add_argument("--out", type=Path, default=None, help="write the tables as their section of a markdown file")
     parser.add_argument("--count", action="store_true",
                         help="count Python calls and torch operators per transformer call instead of timing")
