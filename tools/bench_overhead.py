@@ -71,9 +71,9 @@ SIZES: dict[str, dict[str, Any]] = {
 TOKENS = {"tiny": (16, 6), "mid": (1024, 64), "full": (4096, 512)}
 COMPILED_NOTE = (
     " *compiled*: `compile_repeated_blocks()` on one copy of the model per method (plain, magsdk, diffusers); a "
-    "setting is attached to its copy for that setting's rounds, so the settings run one after another (re-attaching "
-    "makes the compiler specialise again, in an untimed warm-up generation), each round still plain, then magsdk "
-    "and diffusers back to back."
+    "setting is attached to its copy for that setting's rounds, so the settings run one after another, each after "
+    "an untimed warm-up generation (where a re-attach would make the compiler specialise again; the findings count "
+    "the graphs compiled inside the timed rounds), each round still plain, then magsdk and diffusers back to back."
 )
 PEAK_NOTE = (
     " *peak*: `torch.cuda.max_memory_allocated()` during one generation, less the weights of the model copies "
@@ -317,8 +317,8 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
     method, the mid-size K=0 rows differed by 3-7 % between methods doing the same arithmetic. Compiled: one
     compiled copy per method (plain, magsdk, diffusers: three copies of the weights, which is what fits a
     FLUX.1-dev-sized model on one GPU; one per method and setting would not), a setting attached to its copy for
-    that setting's rounds (re-attaching makes the compiler specialise again, so the settings run one after another,
-    each re-attach followed by an untimed warm-up generation).
+    that setting's rounds: the settings run one after another, each re-attach followed by an untimed warm-up
+    generation (on the tiny model a re-attach compiles nothing new; the findings count what the rounds compiled).
     """
     dtype = getattr(torch, args.dtype)
     image_tokens, text_tokens = TOKENS[size]
@@ -344,7 +344,8 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
     idle = weights * (len(models) - 1)  # the copies a run does not use: not part of its peak
     plain = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype)
     eager_scheduler = FlowMatchEulerDiscreteScheduler()
-    shared = make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype, eager_scheduler)
+    shared = None if copies else make_loop(base, args.steps, image_tokens, text_tokens, args.device, dtype,
+                                           eager_scheduler)
 
     memory = {"plain": measure_memory(args.device, plain, models, idle)}  # also the warm-up
     rounds = args.rounds * rounds_factor(plain, args.sample_seconds)
@@ -365,6 +366,7 @@ def run_size(size: str, args: argparse.Namespace, mode: str) -> list[Row]:
                     runs[name] = (make_loop(copies[method], args.steps, image_tokens, text_tokens, args.device,
                                             dtype, scheduler), None)
                 else:
+                    assert shared is not None
                     runs[name] = (shared, (lambda attach=attach: attach(base, eager_scheduler)))
         try:
             graphs = time_group(labels, runs, rounds, plain, args.device, models, idle, memory, times, ratios,
