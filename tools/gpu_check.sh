@@ -31,11 +31,15 @@ if [ "$python" = python3 ] && compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-"$python" - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+if ! "$python" - <<'EOF' 2>&1 | tee "$OUT/env.txt"; then
 import diffusers, pydantic, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, pydantic {pydantic.__version__}, {gpu}")
 EOF
+    echo "gpu_check: $python cannot import diffusers, pydantic and torch (above). Download the wheels into .whl/" \
+         "as this script's header says and pass carry=[\".whl\"] to the device tool's run." >&2
+    exit 2
+fi
 if [ "$#" -gt 0 ]; then
     args=("$@")
 else
