@@ -93,9 +93,20 @@ def test_quick_transfer_run_compares_mapped_index_and_native(tmp_path: Path) -> 
             assert len(cell["native"]) == len(cell["mapped"]) == len(cell["index"]) == 2  # cond and uncond
             assert all(1 <= n <= row["steps"] for n in cell["native"])
             assert all(-n < d <= row["steps"] - n for d, n in zip(cell["mapped"], cell["native"], strict=True))
+    seeds = json.loads(data.read_text())["transfer_seeds"]
+    assert [(r["target"], r["setting"]) for r in seeds] == [("14 steps", "0.06/3/0.2"),
+                                                           ("28 steps, shift 3", "0.06/3/0.2")]
+    for row in seeds:
+        assert row["seeds"] == [1000, 1001] and len(row["native"]) == len(row["mapped"]) == 2
+        assert all(1 <= n <= 28 for n in row["native"] + row["mapped"])
+    # the seed-1000 counts are the PSNR table's (the same calibrations, by plan): the plan matches the runs
+    for row, measured in zip(seeds, rows, strict=True):
+        assert 2 * row["native"][0] == measured["native"]["computed_calls"]
+        assert 2 * row["mapped"][0] == measured["mapped"]["computed_calls"]
     text = out.read_text()
     assert bench.SECTION_TRANSFER in text and "### More schedules, by plan" in text
-    assert text.count("| 14 steps |") == 1 + 1  # the PSNR table's rows (one setting) and the grid's row
+    assert "### The same points with other calibration seeds, by plan" in text
+    assert text.count("| 14 steps |") == 1 + 1 + 1  # a row each in the PSNR table (one setting), the grid, the seeds
 
 
 @pytest.mark.slow
