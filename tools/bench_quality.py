@@ -104,6 +104,8 @@ class Bench:
     schedule: str = "default"
     calls: list[int] = field(default_factory=lambda: [0])
     warmed: set[str] = field(default_factory=set)
+    #: magsdk calibrations by (steps, shift, seed): deterministic, so the transfer tables share them.
+    calibrations: dict[tuple[int, float | None, int], magsdk.CalibrationResult] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Count transformer calls in which the last block's attention actually ran.
@@ -172,6 +174,16 @@ def magsdk_calibration(pipe: Any, steps: int, prompts: list[str], seed: int = CA
         generate(pipe, prompts, [seed], num_inference_steps=steps)
     assert cal.result is not None
     return cal.result
+
+
+def calibration_on(bench: Bench, steps: int, shift: float | None, seed: int = CALIBRATION_SEED
+                   ) -> magsdk.CalibrationResult:
+    """``magsdk_calibration`` on the pipeline's scheduler (``shift``: a FlowMatch one with that shift), made once."""
+    key = (steps, shift, seed)
+    if key not in bench.calibrations:
+        with scheduler_shift(bench, shift):
+            bench.calibrations[key] = magsdk_calibration(bench.pipe, steps, bench.prompts, seed)
+    return bench.calibrations[key]
 
 
 def attach_magsdk(
@@ -382,11 +394,11 @@ def sweep_transfer(bench: Bench, steps: int, quick: bool
     then the schedule-level grid with the same calibration, then the PSNR table's points by plan with other
     calibration seeds."""
     pipe = bench.pipe
-    calibration = magsdk_calibration(pipe, steps, bench.prompts)
+    calibration = calibration_on(bench, steps, None)
     rows: list[dict[str, Any]] = []
     for label, target, shift in QUICK_TRANSFER_TARGETS if quick else TRANSFER_TARGETS:
+        native = calibration_on(bench, target, shift)
         with scheduler_shift(bench, shift):
-            native = magsdk_calibration(pipe, target, bench.prompts)
             print(f"transfer target {label}: uncached {bench.baseline(target)[1]:.2f} s", flush=True)
             for th, k, retention in QUICK_TRANSFER_SETTINGS if quick else TRANSFER_SETTINGS:
                 row: dict[str, Any] = {"target": label, "steps": target, "setting": f"{th:g}/{k}/{retention:g}"}
@@ -421,8 +433,7 @@ def sweep_transfer_grid(bench: Bench, calibration: magsdk.CalibrationResult, qui
     for target, shift in QUICK_GRID_TARGETS if quick else GRID_TARGETS:
         if shift is None and target == calibration.num_steps:
             continue  # the calibrated schedule itself: the mapping is the identity there
-        with scheduler_shift(bench, shift):
-            native = magsdk_calibration(bench.pipe, target, bench.prompts)
+        native = calibration_on(bench, target, shift)
         assert native.schedule is not None, "the reference pipeline has a scheduler: its schedule is recorded"
         timesteps = native.schedule.timesteps
         row: dict[str, Any] = {"target": grid_label(target, shift), "steps": target, "settings": []}
@@ -451,11 +462,10 @@ def sweep_transfer_seeds(bench: Bench, steps: int, quick: bool) -> list[dict[str
     """The PSNR table's points by plan, calibrating source and native with each of ``TRANSFER_SEEDS``: how much of a
     difference between mapped and native is one calibration's luck at a threshold decision."""
     seeds = TRANSFER_SEEDS[:2] if quick else TRANSFER_SEEDS
-    sources = {seed: magsdk_calibration(bench.pipe, steps, bench.prompts, seed) for seed in seeds}
+    sources = {seed: calibration_on(bench, steps, None, seed) for seed in seeds}
     rows: list[dict[str, Any]] = []
     for label, target, shift in QUICK_TRANSFER_TARGETS if quick else TRANSFER_TARGETS:
-        with scheduler_shift(bench, shift):
-            natives = {seed: magsdk_calibration(bench.pipe, target, bench.prompts, seed) for seed in seeds}
+        natives = {seed: calibration_on(bench, target, shift, seed) for seed in seeds}
         for th, k, retention in QUICK_TRANSFER_SETTINGS if quick else TRANSFER_SETTINGS:
             config = magsdk.MagCacheConfig(threshold=th, max_skip_steps=k, retention_ratio=retention)
             row: dict[str, Any] = {"target": label, "setting": f"{th:g}/{k}/{retention:g}", "seeds": seeds,
