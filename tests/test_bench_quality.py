@@ -123,3 +123,46 @@ def test_quick_budget_run_compares_the_planner_with_the_best_threshold(tmp_path:
     for mode in ("residual", "forecast"):
         assert row[f"threshold {mode}"]["computed_calls"] <= 2 * 6
     assert bench.SECTION_BUDGET in out.read_text()
+
+
+def test_equal_calls_runs_compare_the_two_curves_at_the_same_cost() -> None:
+    """Where mapped and native differ in calls, each is rerun at the other's count, and the cell says the gap."""
+    bench_tool = load_tool()
+    from magsdk.reference import DEFAULT_PROMPTS, load_reference_pipeline
+
+    pipe = load_reference_pipeline(None)
+    bench = bench_tool.Bench(pipe, DEFAULT_PROMPTS[:1], [0], 1)
+    source = bench_tool.calibration_on(bench, 12, None)
+    native = bench_tool.calibration_on(bench, 8, None)
+    assert native.schedule is not None
+    timesteps = native.schedule.timesteps
+    setting = (0.12, 4, 0.2)
+
+    def calls(calibration: object, threshold: float) -> int:
+        config = bench_tool.magsdk.MagCacheConfig(threshold=threshold, max_skip_steps=4, retention_ratio=0.2)
+        return sum(len(bench_tool.magsdk.plan(calibration, config, 8, b, timesteps=timesteps).computed_steps)
+                   for b in native.branches)
+
+    # a count the native curve reaches at some threshold: the search finds one that gives it, the nearest first
+    wanted = calls(native, 0.3)
+    found = bench_tool.threshold_for_calls(native, setting, 8, wanted, timesteps)
+    assert found is not None and calls(native, found) == wanted
+    assert bench_tool.threshold_for_calls(native, setting, 8, 0, timesteps) is None  # never: retention computes
+
+    # a row whose two runs differ in calls (native at a looser threshold): both curves rerun at the other's count
+    mapped = bench.point("mapped", "threshold", 0.12, 8, bench_tool.attach_magsdk(pipe, source, 0.12, 4, 0.2), 1)
+    loose = bench.point("native", "threshold", 0.3, 8, bench_tool.attach_magsdk(pipe, native, 0.3, 4, 0.2), 1)
+    if mapped.computed_calls == loose.computed_calls:
+        pytest.skip("the two runs happen to compute the same calls on this model")  # pragma: no cover
+    row = {"target": "8 steps", "steps": 8, "setting": "0.12/4/0.2", "mapped": mapped, "native": loose}
+    runs = bench_tool.equal_calls_runs(bench, row, source, native, setting)
+    assert [run["curve"] for run in runs] == ["native", "mapped"]
+    assert [run["calls"] for run in runs] == [mapped.computed_calls, loose.computed_calls]
+    for run in runs:
+        if run["point"] is not None:
+            assert run["point"].computed_calls == run["calls"]  # the plan is what the runtime computes
+    row["equal_calls"] = runs
+    cell = bench_tool.equal_calls_cell(row)
+    assert [part.split(":")[0] for part in cell.split("; ")] == [f"at {run['calls']}" for run in runs]
+    assert bench_tool.equal_calls_findings([row])[0].startswith("*At equal calls.*")
+    assert bench_tool.equal_calls_cell({**row, "equal_calls": []}) == "same calls"
