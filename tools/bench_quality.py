@@ -21,6 +21,8 @@ Each cache is attached fresh for every run, so that no state carries over betwee
 Schedule transfer (``--transfer``): magsdk calibrated once at 28 steps and run at 10, 14, 20 and
 50 steps and on a shift-3 scheduler, with the runtime's default mapping (through the recorded
 timesteps) and with nearest-index resampling, against a calibration made on each target schedule.
+Where mapped and native compute different calls, each curve is rerun at the other's call count, so the
+two curves are also compared at equal cost.
 A second table compares the same calibration with native ones on 17 schedules by ``magsdk.plan``
 (computed steps only, no images), and checks the plans against the measured runs where both exist;
 a third repeats the PSNR table's points by plan with four calibration seeds.
