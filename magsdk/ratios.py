@@ -245,11 +245,14 @@ def plan_source(
     module: str = "transformer",
     first_step: int = 0,
     constraints: Constraints | None = None,
+    count_known: bool = True,
 ) -> SkipPlan:
     """``plan`` for a curve source with several calibrations (a strategy's), exactly as the runtime.
 
     ``first_step``: the first step this transformer runs (Wan 2.2's second expert joins at its boundary);
-    earlier steps are in neither list.
+    earlier steps are in neither list. ``count_known=False``: a run of ``num_steps`` calls that is not told
+    its step count (a bare transformer with neither a scheduler nor ``num_inference_steps``), which follows
+    the curve as it is, one ratio per call.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -261,7 +264,14 @@ def plan_source(
 
         recorded = source.table_for(num_steps).schedule
         timesteps = timesteps_for(recorded, num_steps) if recorded is not None else None
-    mapped = source.curve_for(branch, position, RunSchedule.of(num_steps, timesteps), module)
+    mapped = source.curve_for(branch, position, RunSchedule.of(num_steps if count_known else None, timesteps), module)
+    if mapped.values is None and timesteps is None:
+        raise UsageError(
+            f"cannot plan {num_steps} steps without the run's timesteps: the curve is mapped call by call from the "
+            f"transformer's timestep argument ({mapped.how}). Give the timesteps the loop passes (Python: "
+            "magsdk.plan(..., timesteps=...) or handle.plan(..., timesteps=...)), or preview by step index "
+            "(resample='index'; CLI: --resample index)"
+        )
     if mapped.values is None and timesteps is not None:
         # the calibration has timesteps of the transformer's argument only: simulate the online mapping
         stamps: list[float | None] = [float(t) for t in timesteps]

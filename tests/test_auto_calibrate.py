@@ -106,6 +106,18 @@ def test_auto_calibrate_on_a_bare_transformer_needs_the_step_count(cache_dir):
         assert handle.stats.skipped_steps(generation=1)
 
 
+def test_auto_calibrate_announces_a_measured_curve_once(cache_dir, caplog):
+    """The file is rewritten as each branch ends (a process may stop right after); the user is told once."""
+    model = tiny_flux(layers=1, single_layers=1)
+    caplog.set_level(logging.INFO, logger="magsdk")
+    with magsdk.enable(model, magsdk.MagCacheConfig(auto_calibrate=True, num_inference_steps=STEPS)):
+        denoise(model, STEPS, cfg=True)
+    said = [r.getMessage() for r in caplog.records if "measured the curve" in r.getMessage()]
+    assert len(said) == 1, said
+    [(_, record)] = curve_store.records()
+    assert sorted(record.result.branches) == ["pass0", "pass1"]  # both branches in the one file
+
+
 def test_no_strategy_and_no_curve_names_auto_calibrate_and_scaffold():
     class Unknown(FluxTransformer2DModel):
         pass

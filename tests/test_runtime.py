@@ -305,3 +305,20 @@ def test_calibrate_through_a_pipeline_averages_seeds(pipeline):
     branch = result.branches["cond"]
     assert branch.num_runs == 3 and len(branch.norm_ratios) == 6
     assert max(branch.norm_ratio_spread) > 0  # three different seeds: a real spread
+
+
+def test_handle_plan_of_a_loop_that_never_says_its_step_count_is_what_it_runs(flux):
+    """A bare transformer given neither ``scheduler=`` nor ``num_inference_steps`` follows the curve as it is,
+    one ratio per call (it cannot resample to a count it does not know); ``handle.plan`` says the same."""
+    curve = [1.0, 1.12, 1.05, 1.02, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9]
+    config = magsdk.MagCacheConfig(mag_ratios=curve, threshold=0.1, max_skip_steps=3, retention_ratio=0.2)
+    model = fresh_copy(flux)
+    with magsdk.enable(model, config) as handle:
+        denoise(model, 20)
+        ran = handle.stats.computed_steps()
+        assert ran == handle.plan(20).computed_steps
+    told = fresh_copy(flux)
+    with magsdk.enable(told, config.model_copy(update={"num_inference_steps": 20})) as knowing:
+        denoise(told, 20)
+        assert knowing.stats.computed_steps() == knowing.plan(20).computed_steps  # resampled to 20 steps
+    assert ran != knowing.stats.computed_steps()  # the two rules differ on this curve, so the test tells them apart

@@ -216,3 +216,26 @@ def test_entries_without_timesteps_fall_back_to_index_mapping_with_a_note(caplog
     assert plan.computed_steps == index.computed_steps
     with pytest.raises(magsdk.UsageError, match="resample='timesteps' but"):
         magsdk.plan(None, config.model_copy(update={"resample": "timesteps"}), 14)
+
+
+def test_a_curve_mapped_call_by_call_is_not_planned_without_the_runs_timesteps(tmp_path, capsys):
+    """A hand loop's calibration (timesteps of the transformer's argument only) is mapped from each call's
+    timestep: a preview without the run's timesteps would show every step computed, so it is refused with
+    hints that work (timesteps=, or by index), and planned once they are given."""
+    from magsdk.cli import main
+    from magsdk.config import BranchCalibration, CalibrationResult
+
+    ratios = [1.0, 1.1, 1.05, 1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.9]
+    stamps = [1000.0 - 100 * i for i in range(10)]
+    calibration = CalibrationResult(branches={"default": BranchCalibration(norm_ratios=ratios, timesteps=stamps)})
+    config = magsdk.MagCacheConfig(threshold=0.1, max_skip_steps=3, retention_ratio=0.2)
+    with pytest.raises(magsdk.UsageError, match="timesteps=") as refused:
+        magsdk.plan(calibration, config, 20)
+    assert "--resample index" in str(refused.value)
+    planned = magsdk.plan(calibration, config, 10, timesteps=stamps)
+    assert planned.skipped_steps  # the run's own timesteps: the calibrated curve as it is, with skips
+    path = calibration.save(tmp_path / "hand-loop.json")
+    assert main(["plan", "--ratios", str(path), "--steps", "20"]) == 2
+    assert "--resample index" in capsys.readouterr().err
+    assert main(["plan", "--ratios", str(path), "--steps", "20", "--resample", "index"]) == 0  # the hint works
+    assert "resampled by nearest index to 20 steps" in capsys.readouterr().out

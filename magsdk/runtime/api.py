@@ -80,10 +80,13 @@ class MagCacheHandle:
 
         ``module`` names the pipeline's transformer (``transformer_2`` for Wan 2.2's second expert) and
         ``first_step`` the first step it runs. Without ``timesteps``, a curve that recorded its schedule is
-        mapped onto what the handle's scheduler gives a ``num_steps`` run.
+        mapped onto what the handle's scheduler gives a ``num_steps`` run. A handle that cannot learn its
+        run's step count (a bare transformer given neither ``scheduler=`` nor ``num_inference_steps``)
+        follows the curve as it is, one ratio per call; its plan of ``num_steps`` calls says the same.
         """
         if self.curves is None:
             raise UsageError("a calibration handle does not skip; it has no plan")
+        count_known = self.scheduler is not None or self.config.num_inference_steps is not None
         if timesteps is None and self.scheduler is not None and self.curves.uses_schedules():
             # what this handle's own scheduler gives a num_steps run: set up as the pipeline did last time;
             # else its timesteps as they are, when the user's loop already set them for num_steps; else, before
@@ -99,7 +102,7 @@ class MagCacheHandle:
                 timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
         return plan_source(
             self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
-            first_step=first_step, constraints=self.constraints,
+            first_step=first_step, constraints=self.constraints, count_known=count_known,
         )
 
     def reset(self) -> None:
@@ -411,7 +414,11 @@ def _attach(
         patches.patch(scheduler, "set_timesteps", _new_generation_on(scheduler.set_timesteps, handle))
     for _, transformer in transformers:
         patches.set_value(transformer, _SESSION_ATTR, handle)
-    logger.info("magsdk: MagCache on %s", ", ".join(handle.blocks[:1] + handle.blocks[-1:]))
+    if handle.blocks:
+        logger.info("magsdk: MagCache on %s", ", ".join(handle.blocks[:1] + handle.blocks[-1:]))
+    else:
+        logger.info("magsdk: MagCache on %s; its blocks are found on its first call",
+                    ", ".join(type(t).__name__ for _, t in transformers))
     return handle
 
 

@@ -33,6 +33,8 @@ class AutoCalibration:
         self.scheduler = scheduler
         self.config = config
         self.known: dict[str, CalibrationResult] = {}  # by key id (keys hold dicts: not hashable)
+        #: Keys whose save was announced: a generation's file is rewritten as each branch ends, said once.
+        self.announced: set[str] = set()
 
     def key(self, num_steps: int | None, image_tokens: int | None) -> curve_store.CurveKey:
         if num_steps is None:
@@ -67,6 +69,10 @@ class AutoCalibration:
             key, result, source="magsdk.enable(auto_calibrate=True)", transformer_module=cls.__module__,
             transformer_config=dict(getattr(self.transformer, "config", {}) or {}),
         )
+        if key.id() in self.announced:
+            logger.debug("magsdk: %s rewritten with the branches measured so far", path)
+            return
+        self.announced.add(key.id())
         logger.info(
             "magsdk: measured the curve of %s at %d steps, %d image tokens; saved to %s (turn it into a strategy with "
             "`magsdk scaffold --from-cache %s`)", cls.__name__, key.num_steps, key.image_tokens, path, key.id(),
