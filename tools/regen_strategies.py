@@ -367,13 +367,17 @@ def render_docs(library: Library) -> str:
                 f"{', '.join(f'`{b}`' for b in entry.branches)} | {settings} | "
                 f"{_speedup(variant, entry.num_steps)} | [{_cell(curve.source.label())}]({curve.source.url()}) |"
             )
+    mapped = [name for name, v in built.items() if any(entry.schedule is not None for entry in v.calibrations)]
     out += [
         "",
         "## The schedule each curve was made on",
         "",
-        "As far as each source says. Curves are resampled to other step counts by nearest index, as the",
-        "sources do; a run far from the schedule below (other shift, resolution, sampler) may need its own",
-        "calibration (`magsdk calibrate`).",
+        "As far as each source says. Where a source states its schedule fully, the variant carries it (the",
+        "scheduler's timesteps computed from its config, with a note) and its curve is mapped through them onto",
+        "each run's step count, shift and resolution (`resample=\"auto\"`; see the user guide's *Schedules*):",
+        (", ".join(f"`{name}`" for name in mapped) or "none yet") + ". The others are resampled to other step counts",
+        "by nearest index, as their sources do; a run far from the schedule below (other shift, resolution,",
+        "sampler) may need its own calibration (`magsdk calibrate`).",
         "",
         "| variant | scheduler | shift | resolution | frames | guidance | padding in the source "
         "| interleaved cond/uncond |",
