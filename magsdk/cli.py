@@ -51,6 +51,24 @@ def _is(exc: BaseException, name: str) -> bool:
     return any(cls.__name__ == name and cls.__module__.split(".")[0] in ("click", "typer") for cls in type(exc).__mro__)
 
 
+def _name_the_value(exc: BaseException) -> None:
+    """Add the value to typer's conversion error, which gives only pydantic's message.
+
+    typer ≥ 0.20 converts ``--steps abc`` with pydantic and reports "Invalid value for '--steps' / '-n':
+    Input should be a valid integer, unable to parse string as an integer" without the ``'abc'`` that
+    click's own converters name; pydantic's error still holds it.
+    """
+    from pydantic import ValidationError
+
+    cause = exc.__cause__
+    if not (_is(exc, "BadParameter") and isinstance(cause, ValidationError) and cause.errors()):
+        return
+    value = cause.errors()[0].get("input")
+    message = str(getattr(exc, "message", ""))
+    if isinstance(value, str) and repr(value) not in message:
+        exc.message = f"{message}, got {value!r}"  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code instead of raising SystemExit.
 
@@ -77,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print("aborted")
             return 1
         if _is(exc, "ClickException"):
+            _name_the_value(exc)
             exc.show()  # type: ignore[attr-defined]
             return 2 if _is(exc, "UsageError") else int(getattr(exc, "exit_code", 1))
         if debug:

@@ -8,6 +8,8 @@ byte outside that entry — comments, formatting, the user's edits to the class 
 from __future__ import annotations
 
 import ast
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +41,35 @@ def parse_strategy_source(source: str, filename: str = "<strategy>") -> cst.Modu
         return cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
         raise StrategyFileError(
-            f"{filename} is not valid Python (line {exc.raw_line}, column {exc.raw_column}: {exc.message}). "
-            "Fix the syntax error and run the command again; the file was not changed."
+            f"{_syntax_error(source, filename, exc)}. Fix the syntax error and run the command again; "
+            "the file was not changed."
         ) from exc
+
+
+def _syntax_error(source: str, filename: str, exc: cst.ParserSyntaxError) -> str:
+    """What the syntax error is and where, as Python's own parser reports it (1-based line and column).
+
+    libcst's native parser puts its error one token late (often on the next line) and reports
+    column 0 beside an "error at LINE:COL" of its own; Python's parser points at the offending
+    character, which is what an editor shows.
+    """
+    try:
+        with warnings.catch_warnings():  # a SyntaxWarning (an invalid escape) is not the error
+            warnings.simplefilter("ignore")
+            ast.parse(source, filename=filename)
+    except SyntaxError as err:
+        if err.lineno is not None:
+            where = f"line {err.lineno}" + (f", column {err.offset}, both counted from 1" if err.offset else "")
+            text = (err.text or "").strip()
+            return f"{filename} is not valid Python ({where}): {err.msg}" + (f" in `{text}`" if text else "")
+        return f"{filename} is not valid Python: {err.msg}"
+    except ValueError as err:  # null bytes, on Pythons that do not call that a SyntaxError
+        return f"{filename} is not valid Python: {err}"
+    # Python accepts it, libcst (which magsdk edits strategy files with) does not: its line, which may be
+    # one token late, and its message without its second "error at LINE:COL" position
+    message = re.sub(r"^parser error: error at \d+:\d+: ", "", exc.message)
+    return (f"{filename} cannot be parsed by libcst, which magsdk edits strategy files with "
+            f"(near line {exc.raw_line}): {message}")
 
 
 #: What a strategy module needs so that magsdk can store calibrations in it (the error's hint).

@@ -17,6 +17,7 @@ from magsdk.config import MagCacheConfig
 from magsdk.errors import UsageError
 from magsdk.export import resolve_config, to_cache_dit, to_diffusers_config
 from magsdk.variants import resolve_name
+from magsdk.workflow.checks import check_cache_settings, check_steps
 
 TARGETS = ("diffusers", "cache-dit")
 
@@ -47,10 +48,10 @@ def export_command(
     """Print diffusers' MagCacheConfig or cache-dit's DBCacheConfig that skips exactly magsdk's steps."""
     if to not in TARGETS:
         raise UsageError(f"--to {to!r} is not one of {', '.join(TARGETS)}")
-    if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+    check_steps(steps)
     overrides: dict[str, Any] = {k: v for k, v in (("threshold", threshold), ("max_skip_steps", max_skip_steps),
                                                    ("retention_ratio", retention_ratio)) if v is not None}
+    check_cache_settings(overrides)  # names the flag, the value and the range, before the strategy loads
     base = resolve_config(strategy, steps)
     try:
         config = MagCacheConfig(**{**base.model_dump(), **overrides})

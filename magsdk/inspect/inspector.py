@@ -11,6 +11,7 @@ import inspect
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -178,7 +179,8 @@ def inspect_module(
 
 
 def load_inputs_function(spec: str, model: torch.nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Call the ``--inputs FILE.py:FUNC`` (or ``pkg.module:FUNC``) function and check what it returns.
+    """Call the ``--inputs FILE.py:FUNC`` (or ``pkg.module:FUNC``: ``pkg/module.py`` in the working directory,
+    else an importable module) function and check what it returns.
 
     The function is called as ``FUNC(model)`` when it takes a parameter (the small model inspect
     built, so that sizes can come from ``model.config``), else as ``FUNC()``. It returns
@@ -187,15 +189,7 @@ def load_inputs_function(spec: str, model: torch.nn.Module) -> tuple[tuple[Any, 
     where, _, name = spec.rpartition(":")
     if not where or not name:
         raise UsageError(f"--inputs {spec!r}: expected FILE.py:FUNC (a function returning (args, kwargs))")
-    if where.endswith(".py"):
-        module = load_file_module(Path(where), f"--inputs {spec}")
-    else:
-        import importlib
-
-        try:
-            module = importlib.import_module(where)
-        except Exception as exc:
-            raise UsageError(f"--inputs {spec!r}: cannot import {where!r}: {type(exc).__name__}: {exc}") from exc
+    module = load_file_module(Path(where), f"--inputs {spec}") if where.endswith(".py") else _inputs_module(where, spec)
     func = getattr(module, name, None)
     if not callable(func):
         raise UsageError(f"--inputs {spec!r}: {where} has no function {name!r}")
@@ -225,6 +219,40 @@ def load_inputs_function(spec: str, model: torch.nn.Module) -> tuple[tuple[Any, 
     )
 
 
+def _inputs_module(where: str, spec: str) -> ModuleType:
+    """The module of ``--inputs pkg.module:FUNC``: ``pkg/module.py`` in the working directory, else an import.
+
+    As for ``--strategy pkg.module``: the ``magsdk`` console script does not put the working directory
+    on ``sys.path``, so a module next to the user would not import by name.
+    """
+    import importlib
+
+    parts = where.split(".")
+    if all(part.isidentifier() for part in parts):
+        candidate = Path.cwd().joinpath(*parts).with_suffix(".py")
+        if candidate.is_file():
+            return load_file_module(candidate, f"--inputs {spec}")
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (where == exc.name or where.startswith(f"{exc.name}.")):
+            raise UsageError(  # the module was found; something it imports was not
+                f"--inputs {spec!r}: importing {where!r} raised ModuleNotFoundError: {exc}; install {exc.name!r} "
+                "or remove that import from the module"
+            ) from exc
+        func = spec.rpartition(":")[2]
+        raise UsageError(
+            f"--inputs {spec!r}: no module {where!r}: neither {'/'.join(parts)}.py in the working directory "
+            f"({Path.cwd()}) nor an importable module. Give the file's path instead, e.g. "
+            f"--inputs path/to/{parts[-1]}.py:{func}"
+        ) from exc
+    except Exception as exc:
+        raise UsageError(
+            f"--inputs {spec!r}: importing {where!r} raised {type(exc).__name__}: {exc}; fix the module and run "
+            "the command again"
+        ) from exc
+
+
 def inspect_target(
     target: str | type[torch.nn.Module],
     *,
@@ -234,7 +262,8 @@ def inspect_target(
     """Inspect a transformer named by TARGET without its weights: build it small, trace one forward, infer.
 
     ``config`` overrides (or, for a bare class, replaces) the constructor arguments found with
-    the target; ``inputs`` is ``FILE.py:FUNC`` (see :func:`load_inputs_function`); without it
+    the target (a key its ``__init__`` does not take is a ``UsageError``); ``inputs`` is
+    ``FILE.py:FUNC`` (see :func:`load_inputs_function`); without it
     inputs are synthesized from the forward signature and the config.
     """
     start = time.perf_counter()
@@ -244,10 +273,11 @@ def inspect_target(
         resolved = ResolvedTarget(target, None, "class", target.__name__)
     else:
         raise UsageError(f"inspect_target needs a TARGET string or an nn.Module class, got {describe(target)}")
+    from magsdk.inspect.shrink import build_small, check_config_keys
+
+    check_config_keys(resolved.cls, config)  # a folder's own config may carry stale keys; the caller's may not
     merged = dict(resolved.config or {})
     merged.update(config or {})
-    from magsdk.inspect.shrink import build_small
-
     model, shrunk = build_small(resolved.cls, merged or None)
     if not find_block_containers(model):  # say so before inputs are made for a forward that cannot help
         raise UsageError(no_blocks_message(model))

@@ -14,6 +14,7 @@ shrinks are tried, and nothing above ``MAX_PARAMETERS`` is ever materialised.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import math
@@ -204,6 +205,30 @@ _NOTHING = object()
 
 def _init_parameters(cls: type[torch.nn.Module]) -> list[inspect.Parameter]:
     return list(inspect.signature(cls.__init__).parameters.values())[1:]
+
+
+def check_config_keys(cls: type[torch.nn.Module], config: Mapping[str, Any] | None) -> None:
+    """Refuse keys of a user's ``--config`` that ``cls.__init__`` does not take.
+
+    A folder's config.json may carry keys of another library version, and ``_initial_kwargs`` drops
+    them quietly; a key the user typed is a typo or a key of another class, and building without it
+    would inspect a model other than the one asked for. Keys starting with ``_`` (``_class_name``)
+    are metadata, and a constructor with ``**kwargs`` takes anything.
+    """
+    params = _init_parameters(cls)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = [key for key in (config or {}) if not key.startswith("_") and key not in names]
+    if not unknown:
+        return
+    guesses = [f"{key!r} → {close[0]!r}" for key in unknown if (close := difflib.get_close_matches(key, names, 1))]
+    raise UsageError(
+        f"--config gives {', '.join(map(repr, unknown))}, which {cls.__name__}.__init__ does not take"
+        + (f" (did you mean {', '.join(guesses)}?)" if guesses else "")
+        + f"; fix or remove {'it' if len(unknown) == 1 else 'them'}. {cls.__name__}.__init__ takes: "
+        + (", ".join(names) or "no arguments")
+    )
 
 
 def _initial_kwargs(cls: type[torch.nn.Module], config: Mapping[str, Any] | None) -> dict[str, Any]:

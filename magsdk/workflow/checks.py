@@ -21,13 +21,40 @@ FLAGS: dict[str, str] = {
 }
 
 
+def check_steps(steps: int | None) -> None:
+    """``--steps`` of export, scaffold, calibrate and demo: one check, one wording (a curve needs two steps)."""
+    if steps is not None and steps < 2:
+        raise UsageError(f"--steps must be at least 2 (a ratio curve needs two steps), got {steps}")
+
+
+#: pydantic's error types for a number outside a bound.
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _bounds(field: str) -> list[str]:
+    """The numeric bounds ``MagCacheConfig`` puts on ``field`` (``>= 0``, ``< 1``)."""
+    info = MagCacheConfig.model_fields.get(field)
+    bounds: list[str] = []
+    for item in info.metadata if info is not None else []:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(item, attr):g}")
+    return bounds
+
+
 def check_cache_settings(given: Mapping[str, Any], flags: Mapping[str, str] = FLAGS) -> None:
-    """threshold / K / retention as ``MagCacheConfig`` checks them; the error names the flag and the value."""
+    """threshold / K / retention as ``MagCacheConfig`` checks them; the error names the flag, the value and,
+    for a value out of range, the whole accepted range (pydantic names only the bound that failed)."""
     try:
         MagCacheConfig(mag_ratios=[1.0, 1.0], **given)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
+        message = str(err["msg"]).removeprefix("Value error, ")  # a validator's own message, case kept
         if not field:  # a check across fields (two budgets at once): pydantic's message names them
-            raise UsageError(str(err["msg"]).removeprefix("Value error, ")) from exc
-        raise UsageError(f"{flags.get(field, field)} {given.get(field)!r}: {err['msg'].lower()}") from exc
+            raise UsageError(message) from exc
+        flag = flags.get(field, field)
+        bounds = _bounds(field)
+        if len(bounds) > 1 and err["type"] in _RANGE_ERRORS:
+            message += f" (accepted: {flag.split('/')[0]} {' and '.join(bounds)})"
+        raise UsageError(f"{flag} {given.get(field)!r}: {message}") from exc

@@ -34,6 +34,7 @@ from magsdk.config import CalibrationEntry, CalibrationResult, InspectionReport
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.registry import bundled_module_names
 from magsdk.strategy import MagCacheStrategy
+from magsdk.workflow.checks import check_steps
 
 Log = Callable[[str], None]
 
@@ -98,8 +99,7 @@ def command_line(*words: str, options: CalibrationOptions) -> str:
 # -- checks that need no model ----------------------------------------------------------------------
 def check_options(options: CalibrationOptions) -> None:
     """Usage errors that need no model: raised before anything loads."""
-    if options.steps is not None and options.steps < 2:
-        raise UsageError(f"--steps must be at least 2 (a ratio curve needs two steps), got {options.steps}")
+    check_steps(options.steps)
     if options.seeds is not None and options.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {options.seeds}")
     if options.prompts is not None and not [p for p in options.prompts if p.strip()]:

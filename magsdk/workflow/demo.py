@@ -26,7 +26,7 @@ from magsdk.calibration.drivers import LoadedModel, load_model
 from magsdk.calibration.settings import call_parameters, parse_device, parse_dtype
 from magsdk.config import atomic_write_text
 from magsdk.errors import UsageError
-from magsdk.workflow.checks import check_cache_settings
+from magsdk.workflow.checks import check_cache_settings, check_steps
 from magsdk.workflow.scaffold import ScaffoldOptions, run_scaffold
 
 
@@ -92,8 +92,7 @@ def check_demo_options(options: DemoOptions) -> None:
         raise UsageError(f"--seeds must be at least 1, got {options.seeds}")
     if options.calibration_seeds < 1:
         raise UsageError(f"calibration_seeds must be at least 1, got {options.calibration_seeds}")
-    if options.steps is not None and options.steps < 2:
-        raise UsageError(f"--steps must be at least 2 (a ratio curve needs two steps), got {options.steps}")
+    check_steps(options.steps)
     if options.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {options.rounds}")
     if options.prompts is not None and not [p for p in options.prompts if p.strip()]:
