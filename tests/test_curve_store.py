@@ -121,3 +121,13 @@ def test_scaffold_from_cache_writes_a_validated_module(
     command = shlex.split(re.findall(r"`(magsdk [^`]+)`", err)[-1])[1:]
     assert main([*command, "--out", str(out), "--no-test"]) == 0
     assert sorted(e["num_steps"] for e in read_calibrations(module.read_text())) == [STEPS, 8]
+
+
+def test_scaffold_from_cache_drops_config_keys_of_another_diffusers_release(tmp_path: Path) -> None:
+    """A cached record keeps the model's own config, which (like a folder's config.json) may hold keys the
+    installed release's __init__ no longer takes: they are dropped, not refused as a user's --config typo."""
+    key, result, extra = calibrated()
+    stale = {**extra, "transformer_config": {**extra["transformer_config"], "a_key_of_another_release": 1}}
+    curve_store.save(key, result, source="1 generation", **stale)
+    assert main(["scaffold", "--from-cache", key.id(), "--out", str(tmp_path / "out"), "--no-test"]) == 0
+    assert (tmp_path / "out" / "my_flux.py").is_file()

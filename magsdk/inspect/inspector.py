@@ -258,13 +258,16 @@ def inspect_target(
     *,
     config: Mapping[str, Any] | None = None,
     inputs: str | None = None,
+    config_from_model: bool = False,
 ) -> InspectionReport:
     """Inspect a transformer named by TARGET without its weights: build it small, trace one forward, infer.
 
     ``config`` overrides (or, for a bare class, replaces) the constructor arguments found with
     the target (a key its ``__init__`` does not take is a ``UsageError``); ``inputs`` is
     ``FILE.py:FUNC`` (see :func:`load_inputs_function`); without it
-    inputs are synthesized from the forward signature and the config.
+    inputs are synthesized from the forward signature and the config. ``config_from_model``: the
+    config is a model's own (a cached curve's record), which, like a folder's config.json, may carry
+    keys of another diffusers release; those are dropped instead of refused.
     """
     start = time.perf_counter()
     if isinstance(target, str):
@@ -275,7 +278,8 @@ def inspect_target(
         raise UsageError(f"inspect_target needs a TARGET string or an nn.Module class, got {describe(target)}")
     from magsdk.inspect.shrink import build_small, check_config_keys
 
-    check_config_keys(resolved.cls, config)  # a folder's own config may carry stale keys; the caller's may not
+    if not config_from_model:
+        check_config_keys(resolved.cls, config)  # a folder's own config may carry stale keys; the caller's may not
     merged = dict(resolved.config or {})
     merged.update(config or {})
     model, shrunk = build_small(resolved.cls, merged or None)

@@ -141,14 +141,15 @@ def check_model(model: str) -> None:
 
 # -- inspection -------------------------------------------------------------------------------------
 def inspect_model(
-    target: str, options: CalibrationOptions, command: str, config: dict[str, Any] | None = None
+    target: str, options: CalibrationOptions, command: str, config: dict[str, Any] | None = None,
+    config_from_model: bool = False,
 ) -> InspectionReport:
     """``inspect_target`` with the user's ``--inputs``; a synthesis error says how to pass them here."""
     from magsdk.inspect import inspect_target
     from magsdk.inspect.inputs import InputSynthesisError
 
     try:
-        return inspect_target(target, config=config, inputs=options.inputs)
+        return inspect_target(target, config=config, inputs=options.inputs, config_from_model=config_from_model)
     except InputSynthesisError as exc:
         raise inputs_hint(exc, target, options, command) from None
 

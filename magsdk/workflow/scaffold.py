@@ -252,7 +252,7 @@ def scaffold_from_cache(options: ScaffoldOptions, *, log: Log = quiet) -> Scaffo
         target = f"{module}:{key.transformer}" if module else key.transformer
         config = dict(record.transformer_config) or None
     log(f"cached curve: {path}")
-    report = inspect_model(target, options, COMMAND, config=config)
+    report = inspect_model(target, options, COMMAND, config=config, config_from_model=True)
     if report.transformer != key.transformer:
         raise UsageError(
             f"--model {target!r} holds a {report.transformer}, but the cached curve {path.stem} is for "
