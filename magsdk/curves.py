@@ -305,7 +305,7 @@ class CurveSource:
     def _note_index_fallback(self, source: str) -> None:
         if source not in self._warned:
             self._warned.add(source)
-            logger.info("magsdk: the %s has no recorded timesteps; it is resampled by step index", source)
+            logger.info("magsdk: the %s has no recorded timesteps; it is followed by step index", source)
 
 
 def _describe_schedule(schedule: ScheduleInfo) -> str:

@@ -254,8 +254,13 @@ def plan_source(
     its step count (a bare transformer with neither a scheduler nor ``num_inference_steps``), which follows
     the curve as it is, one ratio per call.
     """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool):
+        raise TypeError(f"num_steps must be an int (the run's denoising steps), got {num_steps!r}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not isinstance(first_step, int) or not 0 <= first_step <= num_steps:
+        # num_steps itself: a second transformer whose boundary lies past the last step runs none of them
+        raise ValueError(f"first_step must be 0 .. {num_steps} for a {num_steps}-step run, got {first_step!r}")
     if timesteps is not None and len(timesteps) != num_steps:
         raise ValueError(f"{len(timesteps)} timesteps given for a {num_steps}-step run")
     if timesteps is None and source.uses_schedules():

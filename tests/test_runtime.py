@@ -307,9 +307,10 @@ def test_calibrate_through_a_pipeline_averages_seeds(pipeline):
     assert max(branch.norm_ratio_spread) > 0  # three different seeds: a real spread
 
 
-def test_handle_plan_of_a_loop_that_never_says_its_step_count_is_what_it_runs(flux):
+def test_handle_plan_of_a_loop_that_never_says_its_step_count_is_what_it_runs(flux, caplog):
     """A bare transformer given neither ``scheduler=`` nor ``num_inference_steps`` follows the curve as it is,
-    one ratio per call (it cannot resample to a count it does not know); ``handle.plan`` says the same."""
+    one ratio per call (it cannot resample to a count it does not know); ``handle.plan`` says the same, and the
+    run says once where it outruns the curve."""
     curve = [1.0, 1.12, 1.05, 1.02, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9]
     config = magsdk.MagCacheConfig(mag_ratios=curve, threshold=0.1, max_skip_steps=3, retention_ratio=0.2)
     model = fresh_copy(flux)
@@ -317,8 +318,82 @@ def test_handle_plan_of_a_loop_that_never_says_its_step_count_is_what_it_runs(fl
         denoise(model, 20)
         ran = handle.stats.computed_steps()
         assert ran == handle.plan(20).computed_steps
+    said = [r.getMessage() for r in caplog.records if "past the curve's 10 steps" in r.getMessage()]
+    assert len(said) == 1 and "call at step 10" in said[0] and "num_inference_steps" in said[0]
     told = fresh_copy(flux)
     with magsdk.enable(told, config.model_copy(update={"num_inference_steps": 20})) as knowing:
         denoise(told, 20)
         assert knowing.stats.computed_steps() == knowing.plan(20).computed_steps  # resampled to 20 steps
     assert ran != knowing.stats.computed_steps()  # the two rules differ on this curve, so the test tells them apart
+
+
+def test_a_generation_stopped_early_inside_calibrate_does_not_cut_the_curve(pipeline, caplog):
+    """A generation that raised (caught by the user) or ran fewer steps is left out of the mean, with a
+    warning; before, every run's curve was cut to the shortest one."""
+
+    def stop_at_step_1(pipe, step, timestep, kwargs):
+        if step == 1:
+            raise RuntimeError("stopped")
+        return kwargs
+
+    with magsdk.calibrate(pipeline) as cal:
+        with pytest.raises(RuntimeError, match="stopped"):
+            generate(pipeline, 6, callback_on_step_end=stop_at_step_1)
+        for seed in range(2):
+            generate(pipeline, 6, seed=seed)
+    result = cal.result
+    assert result is not None and result.num_steps == 6
+    assert all(len(b.norm_ratios) == 6 and b.num_runs == 2 for b in result.branches.values())
+    assert any("recorded fewer steps" in r.getMessage() for r in caplog.records)
+
+
+def test_a_strategy_named_for_another_transformer_class_is_refused_with_a_fix_that_works(flux):
+    """`strategy="wan"` on a Flux transformer used to end in a variant hint whose strategy then found no blocks."""
+    model = fresh_copy(flux)
+    for named in ("wan", "wan2.1-i2v-480p"):
+        with pytest.raises(magsdk.UsageError, match="written for WanTransformer3DModel") as refused:
+            magsdk.enable(model, strategy=named)
+        assert "leave strategy= out" in str(refused.value)
+        assert "forward" not in model.__dict__  # nothing attached
+    with magsdk.enable(model) as handle:  # the fix, followed
+        assert handle.blocks
+
+    class MyFlux(type(flux)):  # a subclass of the strategy's class is accepted by name
+        pass
+
+    sub = fresh_copy(flux)
+    sub.__class__ = MyFlux
+    with magsdk.enable(sub, strategy="flux") as handle:
+        assert handle.blocks
+
+
+def test_a_second_enable_that_fails_leaves_the_first_one_working(flux):
+    model = fresh_copy(flux)
+    config = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST)
+    first = magsdk.enable(model, config)
+    for bad in ({"strategy": "wan"}, {"strategy": "no_such_strategy"}):
+        with pytest.raises(magsdk.MagSDKError):
+            magsdk.enable(model, config, **bad)
+        assert first.active
+    denoise(model, 28)
+    assert first.stats.skipped_calls > 0  # still caching
+    first.disable()
+    assert "forward" not in model.__dict__
+
+
+def test_wrong_argument_types_are_usage_errors_that_say_what_to_pass(flux):
+    model = fresh_copy(flux)
+    cases = {"config": {"threshold": 0.1}, "strategy": 3, "metadata": "x"}
+    for name, value in cases.items():
+        with pytest.raises(magsdk.UsageError, match=f"{name} must be") as refused:
+            magsdk.enable(model, **{name: value})
+        assert type(value).__name__ in str(refused.value)
+        assert "forward" not in model.__dict__
+    with pytest.raises(magsdk.UsageError, match=r"MagCacheConfig\(\*\*settings\)"):
+        magsdk.enable(model, {"threshold": 0.1})
+    config = magsdk.MagCacheConfig(threshold=0.1)
+    with pytest.raises(TypeError, match="num_steps must be an int"):
+        magsdk.plan(FLUX_RATIOS, config, 2.5)
+    with pytest.raises(ValueError, match="first_step must be 0 .. 10"):
+        magsdk.plan(FLUX_RATIOS, config, 10, first_step=-2)
+    assert magsdk.plan(FLUX_RATIOS, config, 10, first_step=10).computed_steps == []  # runs none of the steps

@@ -260,11 +260,13 @@ def _resolve_strategy(
     if isinstance(strategy, MagCacheStrategy):
         return strategy
     if isinstance(strategy, type) and issubclass(strategy, MagCacheStrategy):
+        _check_strategy_class(strategy, transformer, strategy.__name__)
         return strategy.for_target(target)
     if isinstance(strategy, str):
         from magsdk.variants import resolve_name
 
         cls, variant = resolve_name(strategy)
+        _check_strategy_class(cls, transformer, repr(strategy))
         return cls.for_target(target, variant)
     registered = StrategyRegistry.get(type(transformer).__name__)
     if registered is not None:
@@ -272,6 +274,56 @@ def _resolve_strategy(
     if metadata is not None:
         return MagCacheStrategy()
     return StrategyRegistry.require(type(transformer).__name__)()
+
+
+def _kind(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _check_arguments(config: Any, strategy: Any, metadata: Any) -> None:
+    """Wrong types fail here, with what to pass, instead of deep inside (or, for ``strategy``, being ignored)."""
+    if config is not None and not isinstance(config, MagCacheConfig):
+        hint = " (a dict: magsdk.MagCacheConfig(**settings))" if isinstance(config, Mapping) else ""
+        raise UsageError(f"config must be a magsdk.MagCacheConfig, got {_kind(config)}{hint}")
+    if strategy is not None and not (
+        isinstance(strategy, (MagCacheStrategy, str))
+        or (isinstance(strategy, type) and issubclass(strategy, MagCacheStrategy))
+    ):
+        raise UsageError(
+            f"strategy must be a variant or strategy name, a path/to/module.py, a MagCacheStrategy subclass or an "
+            f"instance of one, got {_kind(strategy)}; `magsdk list` shows the names"
+        )
+    if metadata is None or isinstance(metadata, InspectionReport):
+        return
+    if not isinstance(metadata, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, BlockMetadata) for k, v in metadata.items()
+    ):
+        raise UsageError(
+            "metadata must be an InspectionReport (magsdk.inspect.inspect_target(...), or `magsdk inspect ... "
+            "--json` loaded with InspectionReport.model_validate_json) or a dict of block class name or group "
+            f"path -> magsdk.BlockMetadata, got {_kind(metadata)}"
+        )
+
+
+def _check_strategy_class(cls: type[MagCacheStrategy], transformer: torch.nn.Module, named: str) -> None:
+    """A strategy written for another transformer class finds no blocks, or the wrong ones: say which is which.
+
+    Subclasses of its class are accepted; an instance (``strategy=SomeStrategy()``) is trusted as given, for a
+    class that is built like the strategy's without being a subclass of it.
+    """
+    expected = cls.transformer_cls_name
+    if not expected or any(base.__name__ == expected for base in type(transformer).__mro__):
+        return
+    actual = type(transformer).__name__
+    own = StrategyRegistry.get(actual)
+    fix = (f"leave strategy= out ({own.__name__} is registered for {actual})" if own is not None
+           else f"run `magsdk scaffold --model <your model>` to make a strategy for {actual}")
+    raise UsageError(
+        f"strategy {named} is {cls.__name__}, written for {expected}, but this transformer is a {actual}: {fix}. "
+        f"If {actual} is built like {expected} without being a subclass of it, pass an instance, "
+        f"strategy={cls.__name__}(), to use it anyway"
+    )
 
 
 def _metadata_lookup(strategy: MagCacheStrategy, metadata: MetadataSource | None) -> dict[str, BlockMetadata]:
@@ -345,6 +397,7 @@ def _attach(
     auto_calibrate: bool = False,
     parallelism: Parallelism | None = None,
 ) -> MagCacheHandle:
+    _check_arguments(config, strategy_source, metadata)
     transformers, pipe_scheduler = _transformers_of(target)
     scheduler = scheduler if scheduler is not None else pipe_scheduler
     stats = CacheStats(keep_generations=keep_generations)
@@ -357,41 +410,50 @@ def _attach(
     strategy: MagCacheStrategy | None = None
     resolved_config: MagCacheConfig | None = None
     curves: CurveSource | None = None
+    # Resolve everything first (no side effects): a bad strategy, variant or config then fails before a
+    # handle already on these transformers is disabled, and the user keeps the cache they had.
+    attachments: list[tuple[str, torch.nn.Module, MagCacheStrategy, MagCacheConfig, CurveSource | None,
+                            MetadataSource | None, bool]] = []
+    for name, transformer in transformers:
+        meta = metadata
+        registered = StrategyRegistry.get(type(transformer).__name__) if strategy_source is None else None
+        unknown = strategy_source is None and registered is None
+        if config is None and auto_calibrate:
+            # measure the curve even where a strategy ships one (a fine-tune, another schedule): asked for
+            defaults = registered or MagCacheStrategy
+            config = MagCacheConfig(auto_calibrate=True, threshold=defaults.threshold,
+                                    max_skip_steps=defaults.max_skip_steps,
+                                    retention_ratio=defaults.retention_ratio)
+        if unknown and meta is None and config is not None:
+            # No strategy and no metadata: blocks registered by class, else inferred from the first call.
+            meta = registry_metadata(transformer)
+            sources[name] = "registry" if meta is not None else "inferred"
+            if meta is None:
+                from magsdk.runtime import autotrace
+
+                meta = autotrace.known_report(transformer)
+            if meta is None:
+                attachments.append((name, transformer, MagCacheStrategy(), config, CurveSource.from_config(config),
+                                    None, True))
+                continue
+        else:
+            sources[name] = "given" if meta is not None else "strategy"
+        resolved = _resolve_strategy(transformer, strategy_source, meta, pipeline=target)
+        attachments.append((name, transformer, resolved, *_config_and_curves(resolved, config), meta, False))
     try:
-        for name, transformer in transformers:
+        for name, transformer, strategy, resolved_config, curves, meta, traced in attachments:
             previous = transformer.__dict__.get(_SESSION_ATTR)
             if previous is not None:
                 previous.disable()
-            meta = metadata
-            registered = StrategyRegistry.get(type(transformer).__name__) if strategy_source is None else None
-            unknown = strategy_source is None and registered is None
-            if config is None and auto_calibrate:
-                # measure the curve even where a strategy ships one (a fine-tune, another schedule): asked for
-                defaults = registered or MagCacheStrategy
-                config = MagCacheConfig(auto_calibrate=True, threshold=defaults.threshold,
-                                        max_skip_steps=defaults.max_skip_steps,
-                                        retention_ratio=defaults.retention_ratio)
-            if unknown and meta is None and config is not None:
-                # No strategy and no metadata: blocks registered by class, else inferred from the first call.
-                meta = registry_metadata(transformer)
-                sources[name] = "registry" if meta is not None else "inferred"
-                if meta is None:
-                    from magsdk.runtime import autotrace
+            if traced:
+                from magsdk.runtime import autotrace
 
-                    meta = autotrace.known_report(transformer)
-                if meta is None:
-                    strategy, resolved_config = MagCacheStrategy(), config
-                    curves = CurveSource.from_config(config)
-                    factory = functools.partial(
-                        _new_session, transformer, name, strategy, config, curves, stats=stats, scheduler=scheduler,
-                        parallelism=parallelism,
-                    )
-                    autotrace.trace_first_call(transformer, factory, sessions, pending)
-                    continue
-            else:
-                sources[name] = "given" if meta is not None else "strategy"
-            strategy = _resolve_strategy(transformer, strategy_source, meta, pipeline=target)
-            resolved_config, curves = _config_and_curves(strategy, config)
+                factory = functools.partial(
+                    _new_session, transformer, name, strategy, resolved_config, curves, stats=stats,
+                    scheduler=scheduler, parallelism=parallelism,
+                )
+                autotrace.trace_first_call(transformer, factory, sessions, pending)
+                continue
             session = _new_session(
                 transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler,
                 constraints=constraints, parallelism=parallelism,

@@ -12,12 +12,15 @@ and keeps them on the device until the generation ends. Two reasons:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from magsdk.config import BranchCalibration
+
+logger = logging.getLogger("magsdk")
 
 #: Reduces a float64 tensor of sums across the processes that share a sequence (None: one process).
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -97,7 +100,18 @@ def merge_runs(runs: list[dict[str, BranchRunRecord]]) -> dict[str, BranchCalibr
     branches = {}
     for name in names:
         recs = [run[name] for run in runs if name in run]
-        length = min(len(r.norm_ratios) for r in recs)
+        # A generation that stopped early (an exception the user caught) or ran fewer steps would cut every
+        # run's curve to its length: only the longest runs are averaged, and the others are named.
+        length = max(len(r.norm_ratios) for r in recs)
+        short = sorted(len(r.norm_ratios) for r in recs if len(r.norm_ratios) < length)
+        if short:
+            logger.warning(
+                "magsdk: calibration: %d generation(s) of branch %r recorded fewer steps (%s) than the longest "
+                "(%d); the curve is the mean of the %d with %d steps. Calibrate one step count per "
+                "magsdk.calibrate block, and let each generation reach its last step.",
+                len(short), name, ", ".join(map(str, short)), length, len(recs) - len(short), length,
+            )
+            recs = [r for r in recs if len(r.norm_ratios) == length]
         ratios = torch.tensor([r.norm_ratios[:length] for r in recs], dtype=torch.float64)
         stds = torch.tensor([r.norm_stds[:length] for r in recs], dtype=torch.float64)
         cos = torch.tensor([r.cos_dists[:length] for r in recs], dtype=torch.float64)
