@@ -394,6 +394,18 @@ def test_wrong_argument_types_are_usage_errors_that_say_what_to_pass(flux):
     config = magsdk.MagCacheConfig(threshold=0.1)
     with pytest.raises(TypeError, match="num_steps must be an int"):
         magsdk.plan(FLUX_RATIOS, config, 2.5)
-    with pytest.raises(ValueError, match="first_step must be 0 .. 10"):
+    with pytest.raises(ValueError, match=r"first_step must be 0 \.\. 10"):
         magsdk.plan(FLUX_RATIOS, config, 10, first_step=-2)
     assert magsdk.plan(FLUX_RATIOS, config, 10, first_step=10).computed_steps == []  # runs none of the steps
+
+
+def test_a_calibration_replaced_inside_its_block_says_so(pipeline):
+    """It used to say "no generation ran", though one did: the session had been replaced."""
+    with pytest.raises(magsdk.UsageError, match="ended inside its") as refused:
+        with magsdk.calibrate(pipeline):
+            generate(pipeline, 4)
+            magsdk.enable(pipeline, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST)).disable()
+    assert "Enable the cache after the block" in str(refused.value)
+    with magsdk.calibrate(pipeline) as cal:  # the fix, followed: the cache enabled after the block
+        generate(pipeline, 4)
+    assert cal.result is not None and cal.result.num_steps == 4

@@ -149,6 +149,13 @@ class CalibrationHandle(MagCacheHandle):
             self.disable()
 
     def collect(self) -> CalibrationResult:
+        if not self.active:  # replaced or disabled inside its block: what it recorded went with its sessions
+            distributed.abandon(self.parallelism, "this rank's calibration was ended inside its block")
+            raise UsageError(
+                "the calibration was ended inside its `with magsdk.calibrate(...)` block: a magsdk.enable or "
+                "magsdk.calibrate on the same transformer (or cal.disable()) replaced it, so it has no result. "
+                "Enable the cache after the block, and give each calibration a block of its own"
+            )
         if not self.sessions:  # a traced transformer gets its session at its first call: there was none
             distributed.abandon(self.parallelism, "this rank recorded no generation")
             raise BlockLayoutError("calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`")
