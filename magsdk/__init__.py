@@ -30,7 +30,7 @@ from magsdk.planner import BudgetPlan, InfeasibleBudgetError, plan_budget
 from magsdk.ratios import SkipPlan, plan, resample_by_timesteps, resample_nearest
 from magsdk.registry import StrategyRegistry, TransformerBlockRegistry, discover_strategies
 from magsdk.runtime import CacheStats, CalibrationHandle, MagCacheHandle, calibrate, enable
-from magsdk.runtime.distributed import PlanMismatchError
+from magsdk.runtime.distributed import DistributedCalibrationError, PlanMismatchError
 from magsdk.strategy import MagCacheStrategy, load_calibrations, load_variants
 from magsdk.variants import VariantSelectionError, select_variant
 
@@ -49,6 +49,7 @@ __all__ = [
     "CalibrationHandle",
     "CalibrationResult",
     "DiffusersRegistration",
+    "DistributedCalibrationError",
     "InfeasibleBudgetError",
     "InspectionNote",
     "InspectionReport",

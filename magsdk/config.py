@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from magsdk.errors import UsageError
 from magsdk.planner import (
     PLANNER_RETENTION_RATIO,
     budget_bounds,
@@ -168,8 +169,86 @@ class CalibrationResult(BaseModel):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationResult:
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        """Read a file ``save`` wrote; ``UsageError`` names the file, what is wrong with it and what to do."""
+        source = Path(path)
+        calibrate = "write one with `with magsdk.calibrate(pipe) as cal: pipe(...)`, then `cal.result.save({})`"
+        write = calibrate.format("path")
+        if source.is_dir():
+            raise UsageError(
+                f"{source} is a folder, not a calibration file; give the path of the JSON file "
+                "`result.save(path)` wrote"
+            )
+        try:
+            text = source.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise UsageError(
+                f"calibration file {source} does not exist; check the path, or {calibrate.format(repr(str(source)))}"
+            ) from exc
+        except OSError as exc:
+            raise UsageError(f"cannot read the calibration file {source}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{source} is not a calibration file: byte {exc.start} is not UTF-8 text, and a calibration is the "
+                f"JSON `result.save(path)` writes; {write}"
+            ) from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"{source} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}), so not a calibration "
+                f"file; {write}"
+            ) from exc
+        other = _other_file_kind(data, source)
+        if other is not None:
+            what, use = other
+            raise UsageError(f"{source} holds {what}, not a CalibrationResult; {use + ', or ' if use else ''}{write}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+            shown = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}" for e in errors[:3])
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise UsageError(
+                f"{source} is not a valid CalibrationResult: {shown}{more}; fix those values, or {write}"
+            ) from exc
 
+
+def _is_curve(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+
+
+def _other_file_kind(data: Any, source: Path) -> tuple[str, str] | None:
+    """What a JSON file that is no ``CalibrationResult`` holds and how to use it (or ""); None: it may be one."""
+    read = f"json.load(open({str(source)!r}))"
+    if _is_curve(data) or (isinstance(data, dict) and data and all(_is_curve(v) for v in data.values())):
+        return (
+            "a curve (norm ratios, as `MagCacheConfig.mag_ratios` takes them)",
+            f"use it as `magsdk.MagCacheConfig(mag_ratios={read})`",
+        )
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__} (a CalibrationResult is a JSON object with `branches`)", ""
+    if "block_groups" in data and "transformer" in data:
+        return (
+            "an InspectionReport (what `magsdk inspect --json` prints)",
+            f"read it with `magsdk.InspectionReport.model_validate({read})`",
+        )
+    if "key" in data and isinstance(data.get("result"), dict):
+        return (
+            "a curve cached by magsdk's auto-calibration",
+            f"its `result` is a CalibrationResult: `magsdk.CalibrationResult.model_validate({read}['result'])`",
+        )
+    branches = data.get("branches")
+    if isinstance(branches, dict) and branches and all(_is_curve(v) for v in branches.values()):
+        return (
+            "a strategy's calibration entry (a CalibrationEntry: one plain curve per branch)",
+            f"use its curves as `magsdk.MagCacheConfig(mag_ratios={read}['branches'])`",
+        )
+    if "branches" not in data:
+        keys = ", ".join(map(str, list(data)[:8])) + (", ..." if len(data) > 8 else "")
+        return f"a JSON object without `branches` (its keys: {keys or 'none'})", ""
+    return None
 
 class MagCacheConfig(BaseModel):
     """User-facing settings. ``mag_ratios`` is normalised to ``{branch: curve}``.

@@ -47,6 +47,17 @@ USER_NAMESPACE = "_magsdk_user_strategies"
 Origin = Literal["bundled", "folder", "explicit"]
 _RANK: dict[str, int] = {"bundled": 0, "folder": 1, "explicit": 2}
 
+#: The warnings about strategy modules and folders given so far: each is logged once per process.
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args: object) -> None:
+    """``logger.warning`` unless this very warning was logged before (discovery runs again on every lookup)."""
+    text = message % args
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning(text)
+
 
 class TransformerBlockRegistry:
     """Block class name → ``BlockMetadata`` (how to find the hidden state in and out of a block)."""
@@ -168,7 +179,7 @@ class StrategyRegistry:
         module = _import_by_name(spec)
         if module is not None:
             return _strategy_of(module, spec)
-        raise StrategyNotFoundError(_not_found_message(spec, cls.all(), search_folders()))
+        raise StrategyNotFoundError(_not_found_message(spec, cls.all()))
 
     @classmethod
     def _match(cls, spec: str) -> type[MagCacheStrategy] | None:
@@ -325,7 +336,7 @@ def _import_package(package: str) -> list[str]:
             _register_module(importlib.import_module(name))
             imported.append(name)
         except Exception as exc:  # a broken strategy module must not hide the others
-            logger.warning("could not import strategy module %s: %s", name, exc)
+            _warn_once("could not import strategy module %s: %s", name, exc)
     return imported
 
 
@@ -341,10 +352,24 @@ def bundled_module_names() -> set[str]:
     return {info.name for info in pkgutil.iter_modules([str(p) for p in bundled_folders()])}
 
 
+def _strategy_path_entries() -> list[str]:
+    return [p for p in os.environ.get(STRATEGY_PATH_ENV, "").split(os.pathsep) if p.strip()]
+
+
+def _not_folders(entries: list[str]) -> list[str]:
+    """The entries of ``$MAGSDK_STRATEGY_PATH`` that are no folder, each with why."""
+    return [
+        f"{p} {'is not a folder' if Path(p).exists() else 'does not exist'}" for p in entries if not Path(p).is_dir()
+    ]
+
+
 def search_folders() -> list[Path]:
     """``./strategies/`` of the working directory, then ``$MAGSDK_STRATEGY_PATH``; existing, bundled left out."""
+    entries = _strategy_path_entries()
+    for entry in _not_folders(entries):
+        _warn_once("$%s: %s, so no strategy is searched there; fix or remove the entry", STRATEGY_PATH_ENV, entry)
     candidates = [Path.cwd() / "strategies"]
-    candidates += [Path(p) for p in os.environ.get(STRATEGY_PATH_ENV, "").split(os.pathsep) if p.strip()]
+    candidates += [Path(p) for p in entries]
     bundled = set(bundled_folders())
     folders: list[Path] = []
     for folder in candidates:
@@ -362,7 +387,7 @@ def _import_folder(folder: Path) -> list[str]:
         try:
             module = _load_file(path, "folder")
         except Exception as exc:  # a broken user module must not hide the others
-            logger.warning("could not import strategy module %s: %s", path, exc)
+            _warn_once("could not import strategy module %s: %s", path, exc)
             continue
         if module is not None:
             imported.append(module.__name__)
@@ -411,6 +436,13 @@ def _load_file(path: Path, origin: Origin) -> ModuleType | None:
 
 def load_strategy_file(path: Path) -> ModuleType:
     """Import a strategy module from its path (its strategies register, winning for their class)."""
+    if path.is_dir():
+        raise StrategyNotFoundError(
+            f"strategy {path} is a folder; give a strategy module file (path/to/module.py, e.g. one written by "
+            "`magsdk scaffold`), a strategy module name, a transformer or strategy class name, or a variant name "
+            f"(`magsdk list` shows them). To find the strategy modules in a folder by name, add it to "
+            f"${STRATEGY_PATH_ENV}"
+        )
     if not path.is_file():
         raise StrategyNotFoundError(
             f"strategy file {path} does not exist; give the path of a strategy module (e.g. one written by "
@@ -461,16 +493,30 @@ def _strategy_of(module: ModuleType, spec: str) -> type[MagCacheStrategy]:
     return found[0]
 
 
-def _not_found_message(spec: str, registered: dict[str, type[MagCacheStrategy]], folders: list[Path]) -> str:
+def _searched_folders() -> str:
+    """The strategy folders, for an error: ``./strategies/`` and ``$MAGSDK_STRATEGY_PATH``'s value, and which of
+    them do not exist."""
+    local = Path.cwd() / "strategies"
+    text = f"./strategies/ ({local}{'' if local.is_dir() else ' does not exist'})"
+    raw = os.environ.get(STRATEGY_PATH_ENV, "")
+    if not raw.strip():
+        return text + f" and ${STRATEGY_PATH_ENV} (not set)"
+    text += f" and ${STRATEGY_PATH_ENV}={raw!r}"
+    missing = _not_folders(_strategy_path_entries())
+    if missing:
+        text += f" (not found: {', '.join(missing)}; list existing folders separated by {os.pathsep!r})"
+    return text
+
+
+def _not_found_message(spec: str, registered: dict[str, type[MagCacheStrategy]]) -> str:
     known = ", ".join(
         f"{cls.__module__.rsplit('.', 1)[-1]} ({name})" for name, cls in sorted(registered.items())
     ) or "none"
-    searched = ", ".join(str(f) for f in folders) or "none exist"
     return (
         f"no MagCache strategy found for {spec!r}: it is neither a transformer class with a registered "
         f"strategy, a strategy class or module name, nor a strategy file. Known strategies: {known} "
-        f"(`magsdk list` shows them). Strategy folders searched: ./strategies/ and ${STRATEGY_PATH_ENV} "
-        f"({searched}). For a model without a strategy: `magsdk.enable(pipe, auto_calibrate=True)` measures "
+        f"(`magsdk list` shows them). Strategy folders searched: {_searched_folders()}. For a model without a "
+        "strategy: `magsdk.enable(pipe, auto_calibrate=True)` measures "
         "its curve during the first generation(s), or `magsdk scaffold --model <model>` writes a calibrated "
         "strategy module (`magsdk inspect <model>` shows the block conventions it would use); a strategy "
         "file's path or module name works too."

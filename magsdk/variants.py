@@ -248,4 +248,5 @@ def resolve_name(name: str) -> tuple[type[MagCacheStrategy], StrategyVariant | N
         return StrategyRegistry.resolve(name), None
     except StrategyNotFoundError as exc:
         names = ", ".join(sorted(variants)) or "(none)"
-        raise StrategyNotFoundError(f"{exc} Variant names: {names}.") from exc
+        text = str(exc)
+        raise StrategyNotFoundError(f"{text}{'' if text.endswith('.') else '.'} Variant names: {names}.") from exc

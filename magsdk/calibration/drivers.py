@@ -132,6 +132,17 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
+def pipeline_load_error(target: str, exc: Exception) -> MagSDKError:
+    """The error for a pipeline ``from_pretrained`` did not load: a local folder, or a hub id (offline?)."""
+    local = Path(target).is_dir()
+    hint = (
+        "check that the folder was written by `save_pretrained`"
+        if local
+        else "if this machine is offline, download the model and pass its local folder"
+    )
+    return MagSDKError(f"could not load the pipeline {target!r}: {type(exc).__name__}: {exc}; {hint}")
+
+
 def load_pipeline(target: str, *, device: str | None = None, dtype: str | None = None) -> Any:
     """``DiffusionPipeline.from_pretrained`` on ``device`` (CUDA when there is one) in ``dtype``."""
     from diffusers import DiffusionPipeline
@@ -143,13 +154,7 @@ def load_pipeline(target: str, *, device: str | None = None, dtype: str | None =
     try:
         pipe = DiffusionPipeline.from_pretrained(target, **kwargs)
     except Exception as exc:
-        local = Path(target).is_dir()
-        hint = (
-            "check that the folder was written by `save_pretrained`"
-            if local
-            else "if this machine is offline, download the model and pass its local folder"
-        )
-        raise MagSDKError(f"could not load the pipeline {target!r}: {type(exc).__name__}: {exc}; {hint}") from exc
+        raise pipeline_load_error(target, exc) from exc
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise UsageError(

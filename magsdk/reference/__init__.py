@@ -65,7 +65,12 @@ def reference_settings(path: str | Path | None = None) -> ReferenceSettings:
 def load_reference_pipeline(path: str | Path | None = None, *, progress_bar: bool = False) -> FluxPipeline:
     """The trained reference as a ``diffusers.FluxPipeline`` (float32, CPU)."""
     folder = Path(path) if path is not None else reference_model_path()
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder))
+    except Exception as exc:
+        from magsdk.calibration.drivers import pipeline_load_error
+
+        raise pipeline_load_error(str(path if path is not None else folder), exc) from exc
     if not isinstance(pipe, FluxPipeline):
         raise MagSDKError(
             f"{folder} holds a {type(pipe).__name__}, not a FluxPipeline; point at a folder written by "
