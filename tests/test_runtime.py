@@ -409,3 +409,10 @@ def test_a_calibration_replaced_inside_its_block_says_so(pipeline):
     with magsdk.calibrate(pipeline) as cal:  # the fix, followed: the cache enabled after the block
         generate(pipeline, 4)
     assert cal.result is not None and cal.result.num_steps == 4
+
+
+def test_a_string_target_is_refused_naming_the_function_called():
+    for function, name in ((magsdk.enable, "magsdk.enable()"), (magsdk.calibrate, "magsdk.calibrate()")):
+        with pytest.raises(magsdk.UsageError, match="from_pretrained") as refused:
+            function("org/model")
+        assert str(refused.value).startswith(name)

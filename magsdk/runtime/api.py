@@ -239,7 +239,7 @@ def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else module
 
 
-def _transformers_of(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
+def _transformers_of(target: Any, caller: str = "magsdk.enable") -> tuple[list[tuple[str, torch.nn.Module]], Any]:
     if isinstance(target, torch.nn.Module) and not hasattr(target, "transformer"):
         return [("transformer", unwrap_compiled(target))], None
     found = []
@@ -249,8 +249,10 @@ def _transformers_of(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], An
             found.append((name, unwrap_compiled(module)))
     if not found:
         raise UsageError(
-            f"magsdk.enable() needs a diffusers pipeline with a `.transformer` or a transformer nn.Module; "
-            f"got {type(target).__name__}"
+            f"{caller}() needs a diffusers pipeline with a `.transformer` or a transformer nn.Module; "
+            f"got {_kind(target)}"
+            + (" (a hub id or folder: load it first, e.g. DiffusionPipeline.from_pretrained(...))"
+               if isinstance(target, str) else "")
         )
     return found, getattr(target, "scheduler", None)
 
@@ -405,7 +407,8 @@ def _attach(
     parallelism: Parallelism | None = None,
 ) -> MagCacheHandle:
     _check_arguments(config, strategy_source, metadata)
-    transformers, pipe_scheduler = _transformers_of(target)
+    caller = "magsdk.calibrate" if issubclass(handle_cls, CalibrationHandle) else "magsdk.enable"
+    transformers, pipe_scheduler = _transformers_of(target, caller)
     scheduler = scheduler if scheduler is not None else pipe_scheduler
     stats = CacheStats(keep_generations=keep_generations)
     sessions: list[CacheSession] = []
