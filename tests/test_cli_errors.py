@@ -3,47 +3,16 @@ and a hint that works when followed."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_toys import TOY_TRANSFORMER, isolated_cli_logging  # noqa: F401  (autouse fixture)
 
 from magsdk.cli import main
 
-TOY = textwrap.dedent(
-    '''
-    import torch
-    from torch import nn
-
-
-    class Block(nn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.lin = nn.Linear(dim, dim)
-
-        def forward(self, x, temb):
-            return x + torch.tanh(self.lin(x + temb[:, None]))
-
-
-    class ToyTransformer(nn.Module):
-        def __init__(self, in_channels: int = 4, dim: int = 16, num_layers: int = 3):
-            super().__init__()
-            self.proj_in = nn.Linear(in_channels, dim)
-            self.time = nn.Linear(1, dim)
-            self.stack = nn.ModuleList([Block(dim) for _ in range(num_layers)])
-            self.proj_out = nn.Linear(dim, in_channels)
-
-        def forward(self, hidden_states, timestep):
-            h = self.proj_in(hidden_states)
-            temb = self.time(timestep.reshape(-1, 1).to(h.dtype))
-            for block in self.stack:
-                h = block(h, temb)
-            return self.proj_out(h)
-    '''
-)
+TOY = TOY_TRANSFORMER
 
 INPUTS = textwrap.dedent(
     '''
@@ -54,17 +23,6 @@ INPUTS = textwrap.dedent(
         return (), {"hidden_states": torch.randn(1, 9, model.proj_in.in_features), "timestep": torch.tensor([0.5])}
     '''
 )
-
-
-@pytest.fixture(autouse=True)
-def _isolated_logging() -> Iterator[None]:
-    """The CLI configures logging on stderr; drop its handler so it never writes into a closed capture."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for handler in root.handlers[:]:
-        if handler not in before:
-            root.removeHandler(handler)
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

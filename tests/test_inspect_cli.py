@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import textwrap
 from pathlib import Path
 
 import pytest
+from cli_toys import TOY_TRANSFORMER, isolated_cli_logging  # noqa: F401  (autouse fixture)
 from diffusers import FluxPipeline  # noqa: F401  (imports transformers now, so its log handler is not bound to a test's capture)
 from diffusers_features import needs_flux2
 
@@ -18,35 +18,8 @@ from magsdk.config import InspectionReport
 pytest.importorskip("magsdk.inspect.shrink", reason="magsdk/inspect/shrink.py (model shrinking) is not written yet")
 pytest.importorskip("magsdk.inspect.inputs", reason="magsdk/inspect/inputs.py (input synthesis) is not written yet")
 
-MODULE = textwrap.dedent(
+MODULE = TOY_TRANSFORMER + textwrap.dedent(
     '''
-    import torch
-    from torch import nn
-
-
-    class Block(nn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.lin = nn.Linear(dim, dim)
-
-        def forward(self, x, temb):
-            return x + torch.tanh(self.lin(x + temb[:, None]))
-
-
-    class ToyTransformer(nn.Module):
-        def __init__(self, in_channels: int = 4, dim: int = 16, num_layers: int = 3):
-            super().__init__()
-            self.proj_in = nn.Linear(in_channels, dim)
-            self.time = nn.Linear(1, dim)
-            self.stack = nn.ModuleList([Block(dim) for _ in range(num_layers)])
-            self.proj_out = nn.Linear(dim, in_channels)
-
-        def forward(self, hidden_states, timestep):
-            h = self.proj_in(hidden_states)
-            temb = self.time(timestep.reshape(-1, 1).to(h.dtype))
-            for block in self.stack:
-                h = block(h, temb)
-            return self.proj_out(h)
 
 
     class NoBlocks(nn.Module):
@@ -80,17 +53,6 @@ MODULE = textwrap.dedent(
         return [1, 2, 3]
     '''
 )
-
-
-@pytest.fixture(autouse=True)
-def _isolated_logging():
-    """The CLI configures logging on stderr; drop its handler so it never writes into a closed capture."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for handler in root.handlers[:]:
-        if handler not in before:
-            root.removeHandler(handler)
 
 
 @pytest.fixture
