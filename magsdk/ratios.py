@@ -110,6 +110,8 @@ class BranchSchedule:
             self._restart_until = start + retention_steps(config.retention_ratio, len(curve.values) - start)
         self.budget: BudgetPlan | None = None
         self.planned: frozenset[int] | None = None
+        #: The first step past the end of ``curve.values`` (a run that does not know its step count); None: none.
+        self.outran_at: int | None = None
         if config.compute_steps is not None or config.speedup is not None:
             self._plan_budget(constraints if constraints is not None else config_constraints(config))
 
@@ -133,7 +135,12 @@ class BranchSchedule:
             return has_residual and step not in self.planned and not self.config.calibrate
         curve = self.curve
         if curve.values is not None:
-            scale = curve.values[step] if step < len(curve.values) else 1.0
+            if step < len(curve.values):
+                scale = curve.values[step]
+            else:  # a run that does not know its step count, past the curve: flat (the session says so once)
+                scale = 1.0
+                if self.outran_at is None:
+                    self.outran_at = step
             if self.start > 0:
                 retained = step < self._restart_until
             else:

@@ -243,9 +243,9 @@ class CacheSession:
             if online is not None:
                 decision_t = observed[0] if observed else self._read_timestep(args, kwargs)
                 self._check_online_range(online.low, online.high, decision_t)
-            else:
-                self._check_curve_length(state.schedule.curve.values, position)
             skip = state.schedule.should_skip(position.step, decision_t, state.residual is not None)
+            if state.schedule.outran_at is not None:
+                self._outran_curve(state.schedule)
         call = ActiveCall(position, state, skip, timestep, argument)
         if skip:
             self.stack.gate.residual = self._reused(state, position.step)
@@ -352,16 +352,14 @@ class CacheSession:
         schedule = BranchSchedule(mapped, self.config, start=max(position.step, 0), constraints=self.constraints)
         return BranchState(schedule=schedule)
 
-    def _check_curve_length(self, values: list[float] | None, position: CallPosition) -> None:
+    def _outran_curve(self, schedule: BranchSchedule) -> None:
         """A run that does not know its step count follows the curve as it is: say so once when it outruns it."""
-        if values is None or position.step < len(values):
-            return
         self._warnings.once(
             "length",
             "magsdk: %s: this run is past the curve's %d steps (call at step %d) and does not know its step count, "
             "so the curve is held flat (ratio 1) from here on; pass scheduler= (the scheduler your loop steps) or "
             "MagCacheConfig(num_inference_steps=...) to enable() so that the curve is mapped onto the run",
-            self.name, len(values), position.step,
+            self.name, len(schedule.curve.values or ()), schedule.outran_at,
         )
 
     def _check_online_range(self, low: float, high: float, timestep: float | None) -> None:
