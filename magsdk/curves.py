@@ -187,14 +187,20 @@ def select_branch_curve(
     curves: Mapping[str, Sequence[float]], branch: str, position: int | None = None
 ) -> list[float]:
     """Pick a branch's curve: exact name, then ``default``, then the curve at the same position."""
+    return list(curves[branch_curve_name(curves, branch, position)])
+
+
+def branch_curve_name(curves: Mapping[str, Sequence[float]], branch: str, position: int | None = None) -> str:
+    """The name of the curve ``select_branch_curve`` picks (a calibration's ``pass0`` serves a pipeline's
+    ``cond`` by position), so that where it is not the branch's own name the run can say so."""
     if branch in curves:
-        return list(curves[branch])
+        return branch
     if DEFAULT_BRANCH in curves:
-        return list(curves[DEFAULT_BRANCH])
+        return DEFAULT_BRANCH
     names = list(curves)
     if position is not None and position < len(names):
-        return list(curves[names[position]])
-    return list(curves[names[0]])
+        return names[position]
+    return names[0]
 
 
 def module_curves(curves: Mapping[str, list[float]], module: str) -> dict[str, list[float]]:
@@ -263,6 +269,10 @@ class CurveSource:
         raw = self.raw_curve(table, branch, position, module)
         retention_index = retention_steps(self.retention_ratio, len(raw))
         source = f"{len(raw)}-step curve" + (f" ({table.label})" if table.label else "")
+        if self.per_branch:
+            chosen = branch_curve_name(module_curves(table.branches, module), branch, position)
+            if chosen not in (branch, DEFAULT_BRANCH):
+                source += f" of branch {chosen!r} (the curves have no {branch!r}; taken by call position)"
         if self.resample != "index":
             if run.timesteps is not None and table.schedule is not None and len(table.schedule.timesteps) == len(raw):
                 tmap = TimestepMap(raw, table.schedule.timesteps)

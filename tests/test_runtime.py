@@ -416,3 +416,16 @@ def test_a_string_target_is_refused_naming_the_function_called():
         with pytest.raises(magsdk.UsageError, match="from_pretrained") as refused:
             function("org/model")
         assert str(refused.value).startswith(name)
+
+
+def test_a_branch_served_by_another_branchs_curve_says_so(pipeline):
+    """Per-branch curves named pass0/pass1 (a hand loop's calibration) serve a pipeline's cond/uncond by call
+    position; the run's record of how each curve was obtained names the curve it took."""
+    curves = {"pass0": list(FLUX_RATIOS), "pass1": list(FLUX_RATIOS)}
+    config = magsdk.MagCacheConfig(mag_ratios=curves, per_branch_curves=True, **FAST)
+    with magsdk.enable(pipeline, config) as handle:
+        generate(pipeline, 28, negative_prompt="blurry", true_cfg_scale=2.0)
+        how = handle.stats.curves
+    assert "of branch 'pass0' (the curves have no 'cond'" in how["transformer:cond"]
+    assert "of branch 'pass1' (the curves have no 'uncond'" in how["transformer:uncond"]
+    assert magsdk.plan(curves, config, 28, "cond").mapping == how["transformer:cond"]  # plan says the same
