@@ -264,9 +264,9 @@ class MagCacheConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     mag_ratios: dict[str, list[float]] | None = None
-    threshold: float = Field(0.06, ge=0)
+    threshold: float = Field(0.06, ge=0, allow_inf_nan=False)
     max_skip_steps: int = Field(3, ge=0)
-    retention_ratio: float = Field(0.2, ge=0, lt=1)
+    retention_ratio: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
     num_inference_steps: int | None = Field(None, ge=1)
     calibrate: bool = False
     #: No curve yet: measure it on the first generation at each (steps, resolution, schedule), cache with it from
@@ -602,9 +602,9 @@ class StrategyVariant(BaseModel):
     pipeline_config: dict[str, Any] = Field(default_factory=dict)
     #: Case-insensitive substrings of the folder or hub id the pipeline or transformer was loaded from.
     name_or_path: list[str] = Field(default_factory=list)
-    threshold: float = Field(0.06, ge=0)
+    threshold: float = Field(0.06, ge=0, allow_inf_nan=False)
     max_skip_steps: int = Field(3, ge=0)
-    retention_ratio: float = Field(0.2, ge=0, lt=1)
+    retention_ratio: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
     #: Where the settings come from.
     settings_source: str = ""
     notes: str = ""

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from cli_toys import TOY_TRANSFORMER, isolated_cli_logging  # noqa: F401  (autouse fixture)
+from pydantic import ValidationError
 
+from magsdk import MagCacheConfig
 from magsdk.cli import main
 
 TOY = TOY_TRANSFORMER
@@ -94,8 +96,21 @@ def test_export_refuses_fewer_than_two_steps_like_scaffold_demo_and_plan(capsys,
 def test_setting_errors_keep_the_case_of_the_message(capsys) -> None:
     code, _, err = run(capsys, "plan", "--strategy", "flux", "--speedup", "0.5")
     assert code == 2
-    assert err.startswith("error: --speedup 0.5: speedup=0.5 is not a finite number >= 1; it is N / (steps computed)")
-    assert "compute_steps=B" in err and "value error" not in err.lower()
+    # the config's own wording, spoken in flags (the hint is one the command line takes)
+    assert err.startswith("error: --speedup 0.5 is not a finite number >= 1; it is N / (steps computed)")
+    assert "use --compute-steps B for an exact count" in err and "value error" not in err.lower()
+    assert "speedup=" not in err and "compute_steps" not in err
+    code, _, err = run(capsys, "plan", "--strategy", "flux", "--speedup", "2", "--compute-steps", "5")
+    assert (code, err) == (2, "error: --compute-steps 5 and --speedup 2 both set a budget; give only one of them")
+
+
+def test_a_setting_that_is_not_a_number_says_so(capsys) -> None:
+    """NaN fails every comparison, so a range message ("should be >= 0") would blame the wrong thing."""
+    for flag in ("--threshold", "--retention-ratio"):
+        code, out, err = run(capsys, "plan", "--strategy", "flux", flag, "nan")
+        assert (code, out, err) == (2, "", f"error: {flag} nan: Input should be a finite number")
+    with pytest.raises(ValidationError, match="finite number"):
+        MagCacheConfig(threshold=float("nan"))
 
 
 # 5 ----------------------------------------------------------------------------------------------------

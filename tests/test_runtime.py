@@ -411,6 +411,31 @@ def test_a_calibration_replaced_inside_its_block_says_so(pipeline):
     assert cal.result is not None and cal.result.num_steps == 4
 
 
+def test_cal_result_before_the_block_ends_or_after_it_failed_says_why(pipeline):
+    """``cal.result`` used to be None in both cases, which failed later as an AttributeError."""
+    with magsdk.calibrate(pipeline) as cal:
+        generate(pipeline, 4)
+        with pytest.raises(magsdk.UsageError, match="ready when the `with magsdk.calibrate") as early:
+            _ = cal.result
+        assert "cal.collect()" in str(early.value)
+        so_far = cal.collect()  # the hint, followed: the curve of the generation so far
+        assert so_far.num_steps == 4
+    assert cal.result.num_steps == 4
+    assert {n: b.norm_ratios for n, b in cal.result.branches.items()} == {
+        n: b.norm_ratios for n, b in so_far.branches.items()}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with magsdk.calibrate(pipeline) as failed:
+            generate(pipeline, 4)
+            raise RuntimeError("out of memory")
+    with pytest.raises(magsdk.UsageError, match="ended with RuntimeError: out of memory; so it has no result"):
+        _ = failed.result
+    with pytest.raises(magsdk.BlockLayoutError, match="recorded nothing"):
+        with magsdk.calibrate(pipeline) as empty:
+            pass
+    with pytest.raises(magsdk.UsageError, match="ended with BlockLayoutError: calibration recorded nothing"):
+        _ = empty.result
+
+
 def test_a_string_target_is_refused_naming_the_function_called():
     for function, name in ((magsdk.enable, "magsdk.enable()"), (magsdk.calibrate, "magsdk.calibrate()")):
         with pytest.raises(magsdk.UsageError, match="from_pretrained") as refused:

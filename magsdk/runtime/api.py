@@ -133,17 +133,39 @@ class MagCacheHandle:
 class CalibrationHandle(MagCacheHandle):
     """``with magsdk.calibrate(pipe) as cal: pipe(...)``; then ``cal.result`` is a ``CalibrationResult``."""
 
-    result: CalibrationResult | None = None
     #: The process groups it was given (data-parallel ranks gather their records in ``collect``).
     parallelism: Parallelism | None = None
+    _result: CalibrationResult | None = None
+    _failed: BaseException | None = None
+
+    @property
+    def result(self) -> CalibrationResult:
+        """The curves, once the ``with`` block has ended; before that (or after a failed block) a clear error
+        rather than ``None``, which would only fail later as an AttributeError far from the cause."""
+        if self._result is not None:
+            return self._result
+        if self._failed is not None:
+            raise UsageError(
+                f"the `with magsdk.calibrate(...)` block ended with {type(self._failed).__name__}: {self._failed}; "
+                "so it has no result. Fix that error and run the calibration again"
+            )
+        raise UsageError(
+            "cal.result is ready when the `with magsdk.calibrate(...) as cal:` block ends (it averages every "
+            "generation the block ran); read it after the block, or call cal.collect() for the curves so far"
+        )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
             if exc_type is None:
-                self.result = self.collect()
+                try:
+                    self._result = self.collect()
+                except BaseException as error:  # e.g. no generation ran: .result repeats why
+                    self._failed = error
+                    raise
             elif exc is not None:
+                self._failed = exc
                 distributed.abandon(self.parallelism, exc)  # the other ranks stop instead of waiting
         finally:
             self.disable()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,11 +51,19 @@ def check_cache_settings(given: Mapping[str, Any], flags: Mapping[str, str] = FL
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
-        message = str(err["msg"]).removeprefix("Value error, ")  # a validator's own message, case kept
-        if not field:  # a check across fields (two budgets at once): pydantic's message names them
+        message = _as_flags(str(err["msg"]).removeprefix("Value error, "), flags)  # a validator's own message
+        if not field:  # a check across fields (two budgets at once): the message names them
             raise UsageError(message) from exc
         flag = flags.get(field, field)
         bounds = _bounds(field)
         if len(bounds) > 1 and err["type"] in _RANGE_ERRORS:
             message += f" (accepted: {flag.split('/')[0]} {' and '.join(bounds)})"
-        raise UsageError(f"{flag} {given.get(field)!r}: {message}") from exc
+        shown = f"{flag.split('/')[0]} {given.get(field)!r}"
+        raise UsageError(message if message.startswith(shown) else f"{shown}: {message}") from exc
+
+
+def _as_flags(message: str, flags: Mapping[str, str]) -> str:
+    """A config validator speaks of ``speedup=0.5``; on a command line that is ``--speedup 0.5``."""
+    for field, flag in flags.items():
+        message = re.sub(rf"\b{field}=", f"{flag.split('/')[0]} ", message)
+    return message
