@@ -58,8 +58,8 @@ def check_cache_settings(given: Mapping[str, Any], flags: Mapping[str, str] = FL
         bounds = _bounds(field)
         if len(bounds) > 1 and err["type"] in _RANGE_ERRORS:
             message += f" (accepted: {flag.split('/')[0]} {' and '.join(bounds)})"
-        shown = f"{flag.split('/')[0]} {given.get(field)!r}"
-        raise UsageError(message if message.startswith(shown) else f"{shown}: {message}") from exc
+        named = message.startswith(f"{flag.split('/')[0]} {given.get(field)!r}")  # the message names it already
+        raise UsageError(message if named else f"{flag} {given.get(field)!r}: {message}") from exc
 
 
 def _as_flags(message: str, flags: Mapping[str, str]) -> str:
