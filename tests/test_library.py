@@ -180,6 +180,56 @@ def test_wan22_a14b_caches_both_transformers_with_their_own_curves() -> None:
         assert module_curves(table, "transformer") == {"cond": table["cond"], "uncond": table["uncond"]}
 
 
+def test_a_two_expert_calibration_gives_each_transformer_a_curve_over_the_whole_run(caplog) -> None:
+    """Each Wan 2.2 expert measures only its part of the run; the runtime indexes curves by the run's step. The
+    calibration used to store the low-noise expert's 6 values as a 6-step curve (then stretched by index onto 10
+    steps) and the high-noise one's 4 values as a 4-step curve out of step with the recorded 10-step schedule."""
+    pipe, call = lm.wan("Wan-AI/Wan2.2-T2V-A14B-Diffusers", two_transformers=True, boundary_ratio=0.875)
+    pipe.set_progress_bar_config(disable=True)
+    steps = 10
+    with magsdk.calibrate(pipe) as cal:
+        pipe(num_inference_steps=steps, **call)
+    result = cal.result
+    boundary = 0.875 * pipe.scheduler.config.num_train_timesteps
+    assert result.num_steps == steps and result.schedule is not None and len(result.schedule.timesteps) == steps
+    high = [i for i, t in enumerate(result.schedule.timesteps) if t >= boundary]
+    switch = len(high)  # the first step of the low-noise expert
+    assert 0 < switch < steps and high == list(range(switch))
+    assert set(result.branches) == {"cond", "uncond", "transformer_2:cond", "transformer_2:uncond"}
+    for name, branch in result.branches.items():
+        assert len(branch.norm_ratios) == len(branch.timesteps) == len(branch.cos_dists) == steps, name
+        assert branch.timesteps == pytest.approx(result.schedule.timesteps)  # Wan passes the scheduler's timestep
+        # each expert's first measurement has nothing before it: ratio 1 at step 0 and at the switch
+        assert branch.norm_ratios[0] == branch.norm_ratios[switch] == 1.0, name
+        assert all(r != 1.0 for i, r in enumerate(branch.norm_ratios) if i not in (0, switch)), name
+    # one curve over the run: the high-noise expert's measurements, then the low-noise expert's
+    assert result.branches["cond"].norm_ratios == result.branches["transformer_2:cond"].norm_ratios
+
+    settings = dict(threshold=0.1, max_skip_steps=3, retention_ratio=0.2)
+    for run_steps in (steps, 14):
+        with caplog.at_level("WARNING", logger="magsdk"), \
+                magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=result, **settings)) as handle:
+            caplog.clear()
+            pipe(num_inference_steps=run_steps, **call)
+            stats = handle.stats
+            expected = "as calibrated (same schedule)" if run_steps == steps else "mapped through scheduler timesteps"
+            assert all(expected in how for how in stats.curves.values()), stats.curves
+            first_low = min(stats.computed_steps("cond", module="transformer_2"))
+            for module, first in (("transformer", 0), ("transformer_2", first_low)):
+                for position, branch in enumerate(("cond", "uncond")):
+                    planned = handle.plan(run_steps, branch, position=position, module=module, first_step=first)
+                    ran = stats.computed_steps(branch, module=module) + stats.skipped_steps(branch, module=module)
+                    assert stats.computed_steps(branch, module=module) == [
+                        s for s in planned.computed_steps if s in ran], (run_steps, module, branch)
+                assert stats.skipped_steps("cond", module=module), (run_steps, module)  # both experts skip
+        assert not [r for r in caplog.records if "outside the calibrated" in r.getMessage()], run_steps
+
+    # auto-calibration would measure each expert's part under one key: refused, with the way above as the fix
+    with pytest.raises(magsdk.UsageError, match="auto_calibrate does not support a pipeline with two transformers"):
+        magsdk.enable(pipe, auto_calibrate=True)
+    assert "forward" not in pipe.transformer.__dict__ and "forward" not in pipe.transformer_2.__dict__
+
+
 def test_a_bare_transformer_uses_the_default_variant_or_asks() -> None:
     with magsdk.enable(tiny_flux()) as handle:
         assert handle.strategy.resolved_variant().name == "flux.1-dev"  # default: nothing tells FLUX.1 models apart

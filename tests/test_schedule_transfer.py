@@ -239,3 +239,27 @@ def test_a_curve_mapped_call_by_call_is_not_planned_without_the_runs_timesteps(t
     assert "--resample index" in capsys.readouterr().err
     assert main(["plan", "--ratios", str(path), "--steps", "20", "--resample", "index"]) == 0  # the hint works
     assert "resampled by nearest index to 20 steps" in capsys.readouterr().out
+
+
+def test_a_pipelines_step_count_overrules_a_configs_num_inference_steps_with_a_warning(pipe, caplog):
+    """The run is what the scheduler says: a config's ``num_inference_steps=28`` on a 14-step generation used to
+    make the run follow the 28-step curve (its retention and its ratios) while ``handle.plan(14)`` said otherwise."""
+    settings = dict(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
+    computed = {}
+    for fixed in (None, 28):
+        with caplog.at_level(logging.WARNING, logger="magsdk"), \
+                magsdk.enable(pipe, magsdk.MagCacheConfig(num_inference_steps=fixed, **settings)) as handle:
+            caplog.clear()
+            generate(pipe, 14)
+            generate(pipe, 14)
+            computed[fixed] = handle.stats.computed_steps("cond")
+            assert computed[fixed] == handle.plan(14, "cond").computed_steps
+            assert "resampled by nearest index to 14 steps" in handle.stats.curves["transformer:cond"]
+        told = [r.getMessage() for r in caplog.records if "MagCacheConfig(num_inference_steps=" in r.getMessage()]
+        assert told == ([] if fixed is None else [
+            "magsdk: this run has 14 steps (its scheduler's timesteps) but MagCacheConfig(num_inference_steps=28); "
+            "the run's 14 steps are followed. With a pipeline or scheduler= leave num_inference_steps unset: it is "
+            "taken from each run"])
+    assert computed[28] == computed[None]
+    plan_28 = magsdk.plan(FLUX_RATIOS, magsdk.MagCacheConfig(**settings), 28, "cond").computed_steps
+    assert computed[28] != [s for s in plan_28 if s < 14]  # what the run used to follow

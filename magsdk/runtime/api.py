@@ -20,6 +20,7 @@ from magsdk.registry import StrategyRegistry, TransformerBlockRegistry
 from magsdk.runtime import distributed
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.distributed import GroupOption, Parallelism, ProcessGroup
+from magsdk.runtime.recorder import join_modules
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.runtime.steps import scheduler_probe
@@ -183,9 +184,12 @@ class CalibrationHandle(MagCacheHandle):
             raise BlockLayoutError("calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`")
         results = [s.calibration_result() for s in self.sessions]
         result = results[0]
-        for extra, session in zip(results[1:], self.sessions[1:], strict=True):
-            for name, branch in extra.branches.items():
-                result.branches[f"{session.name}:{name}"] = branch
+        if len(results) > 1:  # transformers sharing one schedule: each one's curve covers the whole run
+            schedule = self.sessions[0].calibrated_schedule
+            result.branches = join_modules(
+                [(s.name, r.branches, s.calibration_first_steps) for s, r in zip(self.sessions, results, strict=True)],
+                len(schedule) if schedule else None,
+            )
         result.num_steps = max(len(b.norm_ratios) for b in result.branches.values())
         if self.scheduler is not None:
             result.scheduler = type(self.scheduler).__name__
@@ -432,6 +436,14 @@ def _attach(
     caller = "magsdk.calibrate" if issubclass(handle_cls, CalibrationHandle) else "magsdk.enable"
     transformers, pipe_scheduler = _transformers_of(target, caller)
     scheduler = scheduler if scheduler is not None else pipe_scheduler
+    if len(transformers) > 1 and (auto_calibrate or (config is not None and config.auto_calibrate)):
+        # each transformer measures only its part of the run, and both key their curve alike (same class and
+        # config): neither would ever find a curve to cache with
+        raise UsageError(
+            f"auto_calibrate does not support a pipeline with two transformers ({', '.join(n for n, _ in transformers)}"
+            "): each runs part of the steps. Calibrate once instead: `with magsdk.calibrate(pipe) as cal: pipe(...)`, "
+            "then `magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=cal.result))`"
+        )
     stats = CacheStats(keep_generations=keep_generations)
     sessions: list[CacheSession] = []
     patches = Patches("magsdk.enable")

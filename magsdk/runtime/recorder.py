@@ -34,6 +34,8 @@ class BranchRunRecord:
     norm_stds: list[float]
     cos_dists: list[float]
     timesteps: list[float | None]
+    #: The run's step at which this branch was first measured (Wan 2.2's second expert joins mid-run).
+    first_step: int = 0
 
 
 #: Gathers the per-generation records of every rank that calibrated other inputs (None: one process).
@@ -46,8 +48,13 @@ class BranchRecorder:
 
     sums: list[torch.Tensor | None] = field(default_factory=list)
     timesteps: list[torch.Tensor | float | None] = field(default_factory=list)
+    first_step: int | None = None
 
-    def add(self, residual: torch.Tensor, previous: torch.Tensor | None, timestep: torch.Tensor | float | None) -> None:
+    def add(
+        self, residual: torch.Tensor, previous: torch.Tensor | None, timestep: torch.Tensor | float | None, step: int
+    ) -> None:
+        if self.first_step is None:
+            self.first_step = step
         self.timesteps.append(timestep)
         if previous is None or previous.shape != residual.shape:
             self.sums.append(None)  # the first step has nothing to compare with: ratio 1 by definition
@@ -83,7 +90,7 @@ class BranchRecorder:
             stds.append(max(squares / count - mean * mean, 0.0) ** 0.5)
             cos.append(cos_total / count)
         stamps = _floats(self.timesteps)
-        return BranchRunRecord(ratios, stds, cos, stamps)
+        return BranchRunRecord(ratios, stds, cos, stamps, self.first_step or 0)
 
 
 def _floats(values: list[torch.Tensor | float | None]) -> list[float | None]:
@@ -124,3 +131,64 @@ def merge_runs(runs: list[dict[str, BranchRunRecord]]) -> dict[str, BranchCalibr
             num_runs=len(recs),
         )
     return branches
+
+
+def first_steps(runs: list[dict[str, BranchRunRecord]]) -> dict[str, int]:
+    """The step at which each branch was first measured, over a calibration's generations."""
+    found: dict[str, int] = {}
+    for run in runs:
+        for name, record in run.items():
+            found[name] = min(found.get(name, record.first_step), record.first_step)
+    return found
+
+
+#: One transformer's part of a calibration: its pipeline attribute, its branches, each branch's first step.
+ModulePart = tuple[str, dict[str, BranchCalibration], dict[str, int]]
+
+
+def join_modules(parts: list[ModulePart], num_steps: int | None) -> dict[str, BranchCalibration]:
+    """The branches of transformers that share one schedule, each as a curve over the whole run.
+
+    The runtime indexes every transformer's curve by the run's step (docs/design.md §5, "Two transformers").
+    Wan 2.2 A14B's experts each run part of the steps (high noise, then low noise), so each measured part
+    of the run: each one's curve is its own measurements at the steps it ran and the other's at the rest
+    — one curve over the run, as MagCache's published Wan 2.2 curves are — so a run on another schedule,
+    whose boundary falls at another step, still finds a ratio at every step (mapped through timesteps).
+    The second transformer's branches are named ``transformer_2:cond``; the first's keep their names.
+    """
+    total = num_steps or max(firsts.get(n, 0) + len(b.norm_ratios) for _, bs, firsts in parts for n, b in bs.items())
+    joined: dict[str, BranchCalibration] = {}
+    for index, (module, branches, firsts) in enumerate(parts):
+        prefix = "" if index == 0 else f"{module}:"
+        for position, (name, branch) in enumerate(branches.items()):
+            donors = [(o_firsts.get(o_name, 0), o_branch) for o_index, (_, o_branches, o_firsts) in enumerate(parts)
+                      if o_index != index
+                      for o_position, (o_name, o_branch) in enumerate(o_branches.items())
+                      if o_name == name or (name not in o_branches and o_position == position)]
+            joined[prefix + name] = _over_the_run(branch, firsts.get(name, 0), donors, total)
+    return joined
+
+
+def _over_the_run(
+    branch: BranchCalibration, first: int, donors: list[tuple[int, BranchCalibration]], total: int
+) -> BranchCalibration:
+    if first == 0 and len(branch.norm_ratios) == total:
+        return branch
+    columns = ("norm_ratios", "norm_stds", "cos_dists", "norm_ratio_spread", "timesteps")
+    neutral: dict[str, float | None] = {"norm_ratios": 1.0, "norm_stds": 0.0, "cos_dists": 0.0,
+                                        "norm_ratio_spread": 0.0, "timesteps": None}
+    filled: dict[str, list[float | None]] = {c: [neutral[c]] * total for c in columns}
+    for start, source in [*donors, (first, branch)]:  # its own measurements last: they win
+        for column in columns:
+            for offset, value in enumerate(getattr(source, column)):
+                if 0 <= start + offset < total:
+                    filled[column][start + offset] = value
+    return BranchCalibration(
+        norm_ratios=[float(v) for v in filled["norm_ratios"] if v is not None],
+        norm_stds=[float(v) for v in filled["norm_stds"] if v is not None] if branch.norm_stds else [],
+        cos_dists=[float(v) for v in filled["cos_dists"] if v is not None] if branch.cos_dists else [],
+        norm_ratio_spread=([float(v) for v in filled["norm_ratio_spread"] if v is not None]
+                           if branch.norm_ratio_spread else []),
+        timesteps=filled["timesteps"] if branch.timesteps else [],
+        num_runs=branch.num_runs,
+    )

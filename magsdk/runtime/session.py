@@ -32,7 +32,7 @@ from magsdk.ratios import BranchSchedule, Constraints
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.distributed import PlanGuard
 from magsdk.runtime.layout import ArgumentReader, forward_parameters
-from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Gatherer, Reducer, merge_runs
+from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Gatherer, Reducer, first_steps, merge_runs
 from magsdk.runtime.stack import BlockStack
 from magsdk.runtime.stats import CacheStats
 from magsdk.runtime.steps import CallPosition, SchedulerProbe, StepTracker
@@ -133,6 +133,7 @@ class CacheSession:
         self.image_tokens: int | None = None
         #: The scheduler's timesteps of the last calibrated generation.
         self.calibrated_schedule: list[float] | None = None
+        self.calibration_first_steps: dict[str, int] = {}
         self._generation_schedule: list[float] | None = None
         self._warnings = _Warnings()
         self._timestep = self._timestep_reader(transformer)
@@ -308,7 +309,7 @@ class CacheSession:
             self.image_tokens = int(head_in.shape[1])
         state = call.state
         if state.recorder is not None:
-            state.recorder.add(residual, state.residual, call.argument_timestep)
+            state.recorder.add(residual, state.residual, call.argument_timestep, call.position.step)
         if self.reuse == "forecast":
             state.previous, state.previous_step = state.residual, state.residual_step
         state.residual, state.residual_step = residual, call.position.step
@@ -452,6 +453,7 @@ class CacheSession:
                 "calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`"
             )
         branches = merge_runs(runs)
+        self.calibration_first_steps = first_steps(runs)  # a second transformer joins mid-run
         return CalibrationResult(branches=branches, transformer=type(self.transformer).__name__)
 
 

@@ -61,6 +61,7 @@ class StepTracker:
     _pending_new: bool = True
     _run_timesteps: list[float] | None = None
     _run_timesteps_read: bool = False
+    _told_steps: bool = False
 
     def begin_generation(self) -> None:
         """An explicit boundary (a pipeline set new timesteps, an exception, a reset)."""
@@ -142,7 +143,15 @@ class StepTracker:
         self._last_t = None
         self._pending_new = False
         self._run_timesteps, self._run_timesteps_read = None, False
-        self.num_steps = self.fixed_num_steps or probed_steps
+        # The scheduler knows this run; a config's fixed count is a guess made before it (docs/user-guide.md).
+        self.num_steps = probed_steps or self.fixed_num_steps
+        if probed_steps and self.fixed_num_steps and probed_steps != self.fixed_num_steps and not self._told_steps:
+            self._told_steps = True
+            logger.warning(
+                "magsdk: this run has %d steps (its scheduler's timesteps) but MagCacheConfig(num_inference_steps=%d); "
+                "the run's %d steps are followed. With a pipeline or scheduler= leave num_inference_steps unset: "
+                "it is taken from each run", probed_steps, self.fixed_num_steps, probed_steps,
+            )
 
     def _place(self, context: str | None, new_generation: bool) -> CallPosition:
         position = len(self._calls_in_step)
