@@ -57,7 +57,8 @@ SECOND_PROCESS = textwrap.dedent(
     with torch.no_grad():
         pipe("a cat", num_inference_steps=8, height=32, width=32, max_sequence_length=16, output_type="latent",
              generator=torch.Generator().manual_seed(0))
-    print(json.dumps({"computed": handle.stats.computed_calls, "skipped": handle.stats.skipped_calls}))
+    print(json.dumps({"computed": handle.stats.computed_calls, "skipped": handle.stats.skipped_calls,
+                      "steps": handle.stats.computed_steps("cond")}))
     """
 )
 
@@ -79,9 +80,18 @@ def test_auto_calibrate_measures_then_caches_and_later_processes_reuse_the_curve
     assert path.parent == cache_dir / "curves"
     assert record.key.num_steps == STEPS and record.key.transformer == "FluxTransformer2DModel"
     assert record.result.schedule is not None and len(record.result.schedule.timesteps) == STEPS
+    # generation 2 followed the measured curve's own plan (same settings), not the bundled FLUX.1-dev curve's
+    assert handle.stats.branches() == ["cond"]
+    ran = handle.stats.computed_steps("cond", generation=1)
+    measured = magsdk.plan(record.result, handle.config, STEPS, "cond").computed_steps
+    assert ran == measured
     handle.disable()
+    settings = {name: getattr(handle.config, name) for name in ("threshold", "max_skip_steps", "retention_ratio")}
+    with magsdk.enable(pipe, magsdk.MagCacheConfig(**settings)) as bundled:  # the strategy's published curve
+        assert bundled.config.mag_ratios is not None and bundled.curves is not None
+        assert bundled.plan(STEPS, "cond").computed_steps != measured  # the check above tells the two curves apart
 
-    def second_process(shift: str) -> dict[str, int]:
+    def second_process(shift: str) -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-c", SECOND_PROCESS, str(folder), shift], capture_output=True,
                               text=True, timeout=300, env=None)
         assert done.returncode == 0, done.stderr
@@ -89,8 +99,9 @@ def test_auto_calibrate_measures_then_caches_and_later_processes_reuse_the_curve
 
     reused = second_process("same")
     assert reused["skipped"] > 0 and reused["computed"] + reused["skipped"] == STEPS  # found the cached curve
+    assert reused["steps"] == measured  # and followed it
     other = second_process("3.0")
-    assert other == {"computed": STEPS, "skipped": 0}  # another shift: measured anew, not reused
+    assert other == {"computed": STEPS, "skipped": 0, "steps": list(range(STEPS))}  # another shift: measured anew
     assert len(curve_store.records()) == 2
 
 

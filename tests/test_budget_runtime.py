@@ -76,9 +76,52 @@ def test_an_infeasible_budget_names_the_smallest_feasible_one(flux):
 def test_reuse_modes_change_what_a_skip_adds_not_which_steps_skip(flux, reuse):
     settings = dict(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
     base, base_out = run(copy.deepcopy(flux), magsdk.MagCacheConfig(**settings), 28)
-    handle, out = run(copy.deepcopy(flux), magsdk.MagCacheConfig(reuse=reuse, **settings), 28)
-    assert handle.stats.computed_steps() == base.stats.computed_steps()
+    model = copy.deepcopy(flux)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    handle = magsdk.enable(model, magsdk.MagCacheConfig(reuse=reuse, **settings), scheduler=scheduler)
+    # the block stack's input and output on every call, seen from outside it (the model's own modules)
+    stack_in: list[torch.Tensor] = []
+    stack_out: list[torch.Tensor] = []
+    model.x_embedder.register_forward_hook(lambda m, a, output: stack_in.append(output.clone()))
+    model.norm_out.register_forward_pre_hook(lambda m, a: stack_out.append(a[0].clone()))
+    session = handle.sessions[0]
+    added: dict[int, torch.Tensor] = {}
+    original = session._reused
+
+    def spy(state, step):  # type: ignore[no-untyped-def]
+        value = original(state, step)
+        added[step] = value.clone()
+        return value
+
+    session._reused = spy
+    out = denoise(model, 28, scheduler=scheduler)
+    computed, skipped = handle.stats.computed_steps(), handle.stats.skipped_steps()
+    assert computed == base.stats.computed_steps()
     assert torch.equal(out, base_out) == (reuse == "residual")
+    assert skipped and sorted(added) == skipped
+    assert handle.plan(28).curve == FLUX_RATIOS  # run on the calibration's own step count: the curve as it is
+    residual = {c: stack_out[c] - stack_in[c] for c in computed}  # r = x_out - x_in of each computed step
+    scaled_somewhere = False
+    for step in skipped:
+        last = max(c for c in computed if c < step)
+        if reuse == "residual":
+            expected = residual[last]
+        elif reuse == "scaled":  # r_c times the curve's ratios of the steps since c: γ[c+1] · … · γ[step]
+            growth = 1.0
+            for i in range(last + 1, step + 1):
+                growth *= FLUX_RATIOS[i]
+            scaled_somewhere = scaled_somewhere or growth != 1.0
+            expected = residual[last] * growth
+        else:  # r_c + (r_c - r_p) · min((j - c) / (c - p), 1/2)
+            earlier = [c for c in computed if c < last]
+            if not earlier:
+                expected = residual[last]
+            else:
+                weight = min((step - last) / (last - earlier[-1]), FORECAST_REACH)
+                expected = torch.lerp(residual[earlier[-1]], residual[last], 1.0 + weight)
+        assert torch.equal(added[step], expected), (reuse, step, last)
+        assert torch.equal(stack_out[step], stack_in[step] + added[step])  # and that is what the stack output got
+    assert scaled_somewhere or reuse != "scaled"  # the scaled check saw a growth that is not 1
 
 
 def test_the_forecast_extrapolates_half_its_interval_then_holds(flux):

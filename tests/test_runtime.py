@@ -142,7 +142,9 @@ def test_two_transformers_share_one_schedule(flux):
     high, low = fresh_copy(flux), fresh_copy(flux)
     scheduler = FlowMatchEulerDiscreteScheduler()
     pipe = types.SimpleNamespace(transformer=high, transformer_2=low, scheduler=scheduler)
-    handle = magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **FAST))
+    # retention 0.3: the first transformer keeps int(0.3·28+0.5) = 8 steps, the second int(0.3·14+0.5) = 4
+    settings = dict(FAST, retention_ratio=0.3)
+    handle = magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, **settings))
     scheduler.set_timesteps(28)
     latents = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
     cond = flux_inputs(high)
@@ -154,8 +156,14 @@ def test_two_transformers_share_one_schedule(flux):
     by_module = {m: [c.step for c in handle.stats.calls if c.module == m] for m in ("transformer", "transformer_2")}
     assert by_module["transformer"] == list(range(14))
     assert by_module["transformer_2"] == list(range(14, 28))
-    low_computed = [c.step for c in handle.stats.calls if c.module == "transformer_2" and c.computed]
-    assert low_computed[0] == 14  # no residual yet for the second transformer: it computes first
+    high_computed = handle.stats.computed_steps("pass0", module="transformer")
+    low_computed = handle.stats.computed_steps("pass0", module="transformer_2")
+    high_plan = handle.plan(28, "pass0", module="transformer").computed_steps  # of all 28 steps: it ran 0..13
+    assert high_computed == [s for s in high_plan if s < 14]
+    assert low_computed == handle.plan(28, "pass0", module="transformer_2", first_step=14).computed_steps
+    assert high_computed[:8] == list(range(8)) and 8 not in high_computed  # retention, then the threshold rule
+    # the second transformer restarts the retention window at its first step: 14..17 computed, then it may skip
+    assert low_computed[:4] == list(range(14, 18)) and 18 not in low_computed
 
 
 def test_calibrate_records_every_branch_and_matches_diffusers(flux, capsys, tmp_path):

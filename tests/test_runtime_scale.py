@@ -123,20 +123,48 @@ def test_statistics_keep_counters_for_all_and_records_for_recent_generations():
 
 # -- no device→host synchronisation per call ------------------------------------------------------------
 class HostReads:
-    """Counts ``Tensor.item`` / ``__float__`` / ``tolist`` calls made from magsdk's own code."""
+    """Counts the tensor reads that wait for the device, made from magsdk's own code.
+
+    ``item``, ``tolist`` and ``numpy`` read values; ``cpu`` copies to the host; ``__float__`` /
+    ``__int__`` / ``__index__`` / ``__bool__`` are what ``float(t)``, ``int(t)``, ``range(t)`` / ``x[t]``
+    and ``if t:`` call. ``by_name`` says which of them were called.
+    """
+
+    NAMES = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__index__", "__bool__")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
+        self.by_name: dict[str, int] = {}
         root = str(Path(magsdk.__file__).parent)
-        for name in ("item", "__float__", "tolist"):
+        for name in self.NAMES:
             original = getattr(torch.Tensor, name)
 
-            def counted(tensor: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            def counted(tensor: torch.Tensor, *args: Any, _original: Any = original, _name: str = name,
+                        **kwargs: Any) -> Any:
                 if sys._getframe(1).f_code.co_filename.startswith(root):
                     self.count += 1
+                    self.by_name[_name] = self.by_name.get(_name, 0) + 1
                 return _original(tensor, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_the_host_read_counter_sees_every_kind_of_read_from_magsdk_code_only(monkeypatch):
+    """The counter below is what the no-sync tests rest on: each kind of read counts, from magsdk's files only."""
+    reads = HostReads(monkeypatch)
+    source = (
+        "def read_all(t, i):\n"
+        "    t.item(); t.tolist(); t.numpy(); t.cpu(); float(t); int(i); [0, 1][i]\n"
+        "    if t:\n"
+        "        pass\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(source, str(Path(magsdk.__file__).parent / "counted_here.py"), "exec"), namespace)
+    value, index = torch.tensor(1.5), torch.tensor(1)
+    namespace["read_all"](value, index)
+    assert reads.by_name == {name: 1 for name in HostReads.NAMES}
+    value.item(), float(value), bool(value), index.cpu()  # from the test's own code: not counted
+    assert reads.count == len(HostReads.NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +188,7 @@ def test_a_pipeline_generation_reads_no_tensor_per_call(flux_pipe, monkeypatch):
         generate(flux_pipe, 28)
         generate(flux_pipe, 50)
     assert handle.stats.skipped_calls > 0
-    assert reads.count == 0
+    assert reads.count == 0, reads.by_name
 
 
 def test_a_curve_with_a_schedule_reads_the_timesteps_once_per_generation(flux_pipe, monkeypatch):
@@ -172,7 +200,7 @@ def test_a_curve_with_a_schedule_reads_the_timesteps_once_per_generation(flux_pi
         generate(flux_pipe, 10)
         generate(flux_pipe, 28)
     assert handle.stats.total_calls == 38
-    assert reads.count == 2  # the scheduler's timesteps, once per generation: not per call
+    assert reads.count == 2, reads.by_name  # the scheduler's timesteps, once per generation: not per call
 
 
 # -- one patching module ----------------------------------------------------------------------------------
