@@ -70,8 +70,13 @@ def test_auto_calibrate_measures_then_caches_and_later_processes_reuse_the_curve
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     handle = magsdk.enable(pipe, auto_calibrate=True)
+    with pytest.raises(magsdk.UsageError, match=r"learns at its first generation: run one, then call handle\.plan"):
+        handle.plan(STEPS, "cond")
     generate(pipe)
     assert handle.stats.computed_calls == STEPS and handle.stats.skipped_calls == 0  # generation 1: measured
+    with pytest.raises(magsdk.UsageError, match=f"no curve for {STEPS + 2} steps at 64 image tokens yet"):
+        handle.plan(STEPS + 2, "cond")
+    planned = handle.plan(STEPS, "cond").computed_steps  # the hint, followed: the measured curve's plan
     generate(pipe, seed=1)
     assert handle.stats.skipped_calls > 0  # generation 2: cached with the measured curve
     records = curve_store.records()
@@ -84,7 +89,7 @@ def test_auto_calibrate_measures_then_caches_and_later_processes_reuse_the_curve
     assert handle.stats.branches() == ["cond"]
     ran = handle.stats.computed_steps("cond", generation=1)
     measured = magsdk.plan(record.result, handle.config, STEPS, "cond").computed_steps
-    assert ran == measured
+    assert ran == measured == planned
     handle.disable()
     settings = {name: getattr(handle.config, name) for name in ("threshold", "max_skip_steps", "retention_ratio")}
     with magsdk.enable(pipe, magsdk.MagCacheConfig(**settings)) as bundled:  # the strategy's published curve

@@ -423,7 +423,7 @@ def test_cal_result_before_the_block_ends_or_after_it_failed_says_why(pipeline):
     """``cal.result`` used to be None in both cases, which failed later as an AttributeError."""
     with magsdk.calibrate(pipeline) as cal:
         generate(pipeline, 4)
-        with pytest.raises(magsdk.UsageError, match="ready when the `with magsdk.calibrate") as early:
+        with pytest.raises(magsdk.UsageError, match=r"ready when the `with magsdk\.calibrate") as early:
             _ = cal.result
         assert "cal.collect()" in str(early.value)
         so_far = cal.collect()  # the hint, followed: the curve of the generation so far

@@ -85,10 +85,9 @@ class MagCacheHandle:
         run's step count (a bare transformer given neither ``scheduler=`` nor ``num_inference_steps``)
         follows the curve as it is, one ratio per call; its plan of ``num_steps`` calls says the same.
         """
-        if self.curves is None:
-            raise UsageError("a calibration handle does not skip; it has no plan")
+        curves = self.curves if self.curves is not None else self._auto_curves(num_steps)
         count_known = self.scheduler is not None or self.config.num_inference_steps is not None
-        if timesteps is None and self.scheduler is not None and self.curves.uses_schedules():
+        if timesteps is None and self.scheduler is not None and curves.uses_schedules():
             # what this handle's own scheduler gives a num_steps run: set up as the pipeline did last time;
             # else its timesteps as they are, when the user's loop already set them for num_steps; else, before
             # a pipeline's first run, as the calibrating pipeline set it up (FLUX-style pipelines pass sigmas
@@ -99,12 +98,31 @@ class MagCacheHandle:
                 timesteps = [float(t) for t in current.tolist()]
             else:
                 if not passed:
-                    passed = recorded_set_timesteps(self.curves.table_for(num_steps).schedule)
+                    passed = recorded_set_timesteps(curves.table_for(num_steps).schedule)
                 timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
         return plan_source(
-            self.curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
+            curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
             first_step=first_step, constraints=self.constraints, count_known=count_known,
         )
+
+    def _auto_curves(self, num_steps: int) -> CurveSource:
+        """An auto-calibrating handle plans with the curve it measured for this step count and resolution."""
+        session = next((s for s in self.sessions if s.auto is not None), None)
+        if session is None or session.auto is None:
+            raise UsageError("a calibration handle does not skip; it has no plan")
+        if session.image_tokens is None:
+            raise UsageError(
+                "auto-calibration keys its curves by resolution, which this handle learns at its first generation: "
+                "run one, then call handle.plan"
+            )
+        found = session.auto.find(session.auto.key(num_steps, session.image_tokens))
+        if found is None:
+            raise UsageError(
+                f"auto-calibration has no curve for {num_steps} steps at {session.image_tokens} image tokens yet: the "
+                f"first generation at {num_steps} steps measures it (computing every step); run it, then call "
+                "handle.plan"
+            )
+        return found
 
     def reset(self) -> None:
         for session in self.sessions:
