@@ -118,7 +118,7 @@ class BranchCalibration(BaseModel):
     norm_stds: list[float] = Field(default_factory=list)
     cos_dists: list[float] = Field(default_factory=list)
     timesteps: list[float | None] = Field(default_factory=list)
-    #: Standard deviation of each norm ratio across the calibration runs (prompts × seeds).
+    #: Standard deviation of each norm ratio across the calibration runs (prompts × seeds), population (÷ n).
     norm_ratio_spread: list[float] = Field(default_factory=list)
     num_runs: int = 1
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import sklearn  # noqa: F401  (a core dependency: the digit classifier needs it; missing, the tests fail, not skip)
 from diffusers_features import needs
 from tools_loader import load_tool as load_tool_named
-
-pytest.importorskip("sklearn")
 
 METHODS = (
     "magsdk (K=3, r=0.2)", "diffusers MagCache (K=3, r=0.2)", "diffusers FirstBlockCache", "diffusers TaylorSeer",

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import magsdk
 from magsdk.cli import main
 
 
@@ -20,20 +21,46 @@ def test_plan_prints_schedule_and_speedup(capsys):
     assert "threshold=0.24, K=5, retention=0.1" in out and "3.50x" in out
 
 
+def plan_json(capsys, *args: str) -> dict:
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_plan_json_and_overrides(capsys):
-    assert main(["plan", "--strategy", "FluxTransformer2DModel", "--steps", "50", "--threshold", "0.24",
-                 "-k", "5", "--retention-ratio", "0.1", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["default"]["num_steps"] == 50 and len(data["default"]["skipped_steps"]) > 25
+    """Flags other than the variant's defaults (flux.1-dev: 0.24/5/0.1) give the Python API's plan for them."""
+    data = plan_json(capsys, "--strategy", "FluxTransformer2DModel", "--steps", "50", "--threshold", "0.06",
+                     "-k", "3", "--retention-ratio", "0.2")
+    strategy = magsdk.StrategyRegistry.require("FluxTransformer2DModel")
+    overridden = magsdk.plan(None, strategy.default_config(50, threshold=0.06, max_skip_steps=3,
+                                                           retention_ratio=0.2), 50)
+    defaults = magsdk.plan(None, strategy.default_config(50), 50)
+    (name, got), = data.items()
+    assert name == "default" and got["num_steps"] == 50
+    assert (got["threshold"], got["max_skip_steps"], got["retention_ratio"]) == (0.06, 3, 0.2)
+    assert got["computed_steps"] == overridden.computed_steps
+    assert overridden.computed_steps != defaults.computed_steps  # the flags changed the plan
+    assert len(got["skipped_steps"]) > 0
 
 
 def test_plan_from_ratio_list_and_file(tmp_path, capsys):
+    # the generic defaults (threshold 0.06, K=3) with no retained steps: the error stays under the threshold,
+    # so K=3 skips follow step 0 and step 4 computes
     assert main(["plan", "--ratios", "1,1.01,1.0,0.99,1.0,1.0", "--steps", "6", "--retention-ratio", "0"]) == 0
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps({"cond": [1.0, 1.0, 1.0], "uncond": [1.0, 1.5, 1.5]}))
-    assert main(["plan", "--ratios", str(path), "--steps", "3", "--retention-ratio", "0"]) == 0
     out = capsys.readouterr().out
-    assert "cond" in out and "uncond" in out
+    assert "C...C." in out and "3.00x" in out
+    listed = magsdk.plan([1, 1.01, 1.0, 0.99, 1.0, 1.0], magsdk.MagCacheConfig(retention_ratio=0.0), 6)
+    assert listed.schedule_string() == "C...C."
+    # two branches share one schedule, planned on the mean of their curves ([1, 1, 1.15, 1, 1, 1]: step 2 computes)
+    curves = {"cond": [1.0] * 6, "uncond": [1.0, 1.0, 1.3, 1.0, 1.0, 1.0]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(curves))
+    assert main(["plan", "--ratios", str(path), "--steps", "6", "--retention-ratio", "0"]) == 0
+    assert "all (cond, uncond)" in capsys.readouterr().out
+    data = plan_json(capsys, "--ratios", str(path), "--steps", "6", "--retention-ratio", "0")
+    config = magsdk.MagCacheConfig(retention_ratio=0.0)
+    assert list(data) == ["cond"]
+    assert data["cond"]["computed_steps"] == magsdk.plan(curves, config, 6, "cond").computed_steps == [0, 2]
+    assert magsdk.plan(curves["cond"], config, 6).computed_steps == [0, 4]  # not the cond curve's own plan
 
 
 def test_usage_errors_exit_2_with_a_message(capsys):
@@ -49,7 +76,7 @@ def test_usage_errors_exit_2_with_a_message(capsys):
 
 def test_console_script_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "magsdk.cli", "plan", "--strategy", "nope"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no MagCache strategy found" in proc.stderr
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-from tiny_models import denoise, flux_inputs, fresh_copy, tiny_flux, tiny_flux2
+from diffusers_features import needs_mag_cache
+from tiny_models import ComputeRecorder, denoise, diffusers_mag_cache, flux_inputs, fresh_copy, tiny_flux, tiny_flux2
 from torch import nn
 
 import magsdk
@@ -525,6 +526,15 @@ def sd3_inputs(t: float = 500.0) -> dict[str, Any]:
     }
 
 
+SD3_TIMESTEPS = [1000.0 - 80 * i for i in range(STEPS)]
+
+
+def run_sd3(model: nn.Module) -> list[torch.Tensor]:
+    """One transformer call per step, the timestep going down: what a pipeline's loop feeds the cache."""
+    with torch.no_grad():
+        return [model(**sd3_inputs(t))[0] for t in SD3_TIMESTEPS]
+
+
 def test_sd3_last_block_returning_none_for_the_encoder():
     """docs/design.md trap 9: the last JointTransformerBlock (context_pre_only) returns (None, hidden)."""
     model = tiny_sd3()
@@ -537,10 +547,48 @@ def test_sd3_last_block_returning_none_for_the_encoder():
         output_kind="tuple",
     )
     assert report.tail == "transformer_blocks.2" and report.warnings == []
+    # the block stack's input (pos_embed's output) and output (norm_out's input) on every call
+    seen: list[list[torch.Tensor]] = []
+    hooks = [
+        model.pos_embed.register_forward_hook(lambda m, a, out: seen.append([out.detach().clone()])),
+        model.norm_out.register_forward_pre_hook(lambda m, a: seen[-1].append(a[0].detach().clone())),
+    ]
     handle = magsdk.enable(model, CONFIG, metadata=report)
-    with torch.no_grad():
-        outputs = [model(**sd3_inputs(1000.0 - 80 * i))[0] for i in range(STEPS)]
-    assert handle.stats.skipped_calls > 0 and all(torch.isfinite(o).all() for o in outputs)
+    recorder = ComputeRecorder(model, model.transformer_blocks[0])
+    try:
+        run_sd3(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stats = handle.stats
+    assert 0 < stats.skipped_calls < STEPS
+    assert recorder.flags == [call.computed for call in stats.calls]  # skipped calls ran no block
+    residual = None
+    for record, (stack_in, stack_out) in zip(stats.calls, seen, strict=True):
+        if record.computed:
+            residual = stack_out - stack_in
+        else:  # the image stream of the last computed step's residual, reused exactly
+            assert residual is not None
+            assert torch.equal(stack_out, stack_in + residual), f"step {record.step}: output is not input + residual"
+
+
+@needs_mag_cache
+def test_sd3_cached_outputs_equal_diffusers_mag_cache():
+    """The same skips and bit-identical outputs as diffusers' apply_mag_cache (index mode) on the same model."""
+    base = tiny_sd3()
+    report = inspect_module(base, (), sd3_inputs())
+    ours_model, theirs_model = fresh_copy(base), fresh_copy(base)
+    handle = magsdk.enable(ours_model, CONFIG, metadata=report)
+    our_rec = ComputeRecorder(ours_model, ours_model.transformer_blocks[0])
+    ours = run_sd3(ours_model)
+    with diffusers_mag_cache(theirs_model, [1.0] * STEPS, CONFIG.threshold, CONFIG.max_skip_steps,
+                             CONFIG.retention_ratio, STEPS):
+        their_rec = ComputeRecorder(theirs_model, theirs_model.transformer_blocks[0])
+        theirs = run_sd3(theirs_model)
+    assert 0 < handle.stats.skipped_calls < STEPS  # the comparison is not vacuous
+    assert our_rec.flags == their_rec.flags
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert torch.equal(a, b), f"step {step}: max |diff| {float((a - b).abs().max()):.2e}"
 
 
 # -- runtime: inference on the first real call when nothing is known -------------------------------------------
@@ -594,15 +642,44 @@ def test_an_exception_in_the_traced_call_leaves_nothing_behind():
     handle.disable()
 
 
-def test_flux_subclass_without_strategy_matches_the_flux_strategy_bit_for_bit():
+def test_flux_subclass_without_strategy_matches_the_flux_strategy_bit_for_bit(caplog):
+    """A Flux subclass whose block classes are not registered either: its conventions come from tracing its
+    first call, and the cache then runs exactly as the hand-written Flux strategy does."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from strategies.flux import FluxStrategy
+
     class MyFlux(FluxTransformer2DModel):
+        pass
+
+    class MyDouble(FluxTransformerBlock):
+        pass
+
+    class MySingle(FluxSingleTransformerBlock):
         pass
 
     autotrace.forget()
     base = tiny_flux()
     known, unknown = fresh_copy(base), fresh_copy(base)
     unknown.__class__ = MyFlux
+    for block in unknown.transformer_blocks:
+        block.__class__ = MyDouble
+    for block in unknown.single_transformer_blocks:
+        block.__class__ = MySingle
     config = magsdk.MagCacheConfig(mag_ratios=[1.0] * 10, threshold=0.5, max_skip_steps=2, retention_ratio=0.1)
-    with magsdk.enable(known, config) as a, magsdk.enable(unknown, config) as b:
-        assert torch.equal(denoise(known, 10, cfg=True), denoise(unknown, 10, cfg=True))
-        assert a.stats.per_branch() == b.stats.per_branch() and b.stats.skipped_calls > 0
+    with caplog.at_level(logging.INFO, logger="magsdk"):
+        with magsdk.enable(known, config) as a, magsdk.enable(unknown, config) as b:
+            assert a.metadata_sources == {"transformer": "strategy"}
+            assert b.metadata_sources == {"transformer": "inferred"}
+            assert b.blocks == []  # nothing known: attached at the first call
+            assert torch.equal(denoise(known, 10, cfg=True), denoise(unknown, 10, cfg=True))
+            assert a.stats.per_branch() == b.stats.per_branch() and b.stats.skipped_calls > 0
+            assert b.blocks[0] == "transformer_blocks.0 (head)" and b.blocks[-1] == "single_transformer_blocks.1 (tail)"
+    assert any("inferred from its first call" in r.message and "MyFlux" in r.message for r in caplog.records)
+    traced = autotrace.known_report(unknown)
+    assert traced is not None and (traced.head, traced.tail) == ("transformer_blocks.0", "single_transformer_blocks.1")
+    # what the trace inferred is the strategy's hand-written metadata, block class for block class
+    renamed = {"MyDouble": "FluxTransformerBlock", "MySingle": "FluxSingleTransformerBlock"}
+    inferred = {renamed[name]: meta for name, meta in traced.metadata_by_class().items()}
+    assert inferred == FluxStrategy.block_metadata
+    autotrace.forget(MyFlux)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
     return next(out.glob("magsdk-*.whl"))
 
 
@@ -39,7 +39,7 @@ def test_wheel_lists_every_package_and_data_file(wheel):
 def test_installed_wheel_finds_its_resources(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, timeout=300)
     code = (
         "import magsdk, magsdk.codegen.render as r, importlib.resources as ir;"
         "from magsdk.reference import reference_model_path;"
@@ -49,6 +49,6 @@ def test_installed_wheel_finds_its_resources(wheel, tmp_path):
         "print(sorted(magsdk.StrategyRegistry.all()))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "FluxTransformer2DModel" in proc.stdout and "Flux2Transformer2DModel" in proc.stdout

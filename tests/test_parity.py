@@ -1,4 +1,4 @@
-"""Parity with diffusers' apply_mag_cache: same computed steps, same latents (docs/design.md, section 1).
+"""Parity with diffusers' apply_mag_cache: same computed steps, same latents bit for bit (docs/design.md, section 1).
 
 The comparisons need diffusers' own MagCache (diffusers >= 0.37) and skip, saying so, on an older release.
 """
@@ -53,7 +53,7 @@ def test_flux_matches_diffusers(flux, settings, steps):
     assert their_rec.computed_steps() == our_rec.computed_steps()
     assert handle.stats.computed_steps() == our_rec.computed_steps()
     assert 0 < handle.stats.skipped_calls < steps  # the comparison is not vacuous
-    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.equal(ours, theirs)
     # the runtime follows the plan computed before the run
     planned = magsdk.plan(FLUX_RATIOS, handle.config, steps)
     assert planned.computed_steps == handle.stats.computed_steps()
@@ -71,7 +71,7 @@ def test_step_count_comes_from_the_scheduler_when_not_configured(flux):
         ours = denoise(model, steps, scheduler=scheduler)
         theirs, _ = run_diffusers(fresh_copy(flux), FLUX_RATIOS, (0.06, 3, 0.2), steps)
         assert handle.stats.computed_steps() == magsdk.plan(FLUX_RATIOS, handle.config, steps).computed_steps
-        assert torch.allclose(ours, theirs, atol=1e-6)
+        assert torch.equal(ours, theirs)
 
 
 @needs_mag_cache
@@ -83,7 +83,7 @@ def test_cfg_two_unnamed_passes_equal_diffusers_with_named_contexts(flux):
     assert handle.stats.branches() == ["pass0", "pass1"]
     assert our_rec.flags == their_rec.flags
     assert handle.stats.skipped_calls > 0
-    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.equal(ours, theirs)
     # diffusers without context names counts two steps per step and drifts away: magsdk does not.
     naive, _ = run_diffusers(fresh_copy(flux), FLUX_RATIOS, settings, steps, cfg=True)
     assert not torch.allclose(naive, theirs, atol=1e-3)
@@ -94,7 +94,7 @@ def test_cfg_named_contexts_use_the_names(flux):
     ours, _, handle = run_magsdk(fresh_copy(flux), FLUX_RATIOS, (0.24, 5, 0.1), 28, cfg=True, named_contexts=True)
     theirs, _ = run_diffusers(fresh_copy(flux), FLUX_RATIOS, (0.24, 5, 0.1), 28, cfg=True, named_contexts=True)
     assert handle.stats.branches() == ["cond", "uncond"]
-    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.equal(ours, theirs)
 
 
 def reference_magcache(model, ratios, settings, steps):
@@ -164,6 +164,6 @@ def test_flux2_fused_single_blocks_match_reference(settings):
                                                         max_skip_steps=k, retention_ratio=retention))
     ours = denoise(model, 28)
     assert handle.stats.skipped_calls > 0
-    assert torch.allclose(ours, expected, atol=1e-6)
+    assert torch.equal(ours, expected)
     plain = denoise(fresh_copy(base), 28)
     assert not torch.allclose(ours, plain, atol=1e-4)  # skipping changed something: not a silent no-op

@@ -224,7 +224,8 @@ def test_a_flat_curve_costs_nothing_and_a_rough_step_is_computed():
     assert 12 in plan_budget(rough, 5).computed_steps
 
 
-def test_long_runs_plan_quickly():
+def test_a_400_step_run_gets_a_valid_plan_for_a_budget_of_120():
+    """Exactly 120 computed steps, step 0 first, no run of skips longer than the smallest feasible K."""
     curve = resample_nearest(FLUX, 400)
     plan = plan_budget(curve, 120)
     check_schedule(plan, 400, 120, smallest_max_skip_steps(400, 120, 0.0), 0.0)

@@ -1,10 +1,11 @@
-"""Pure curve maths and step tracking, without models."""
+"""Curve maths and step tracking without models, and one tiny-Flux run that follows its plan."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers_features import MAG_CACHE, needs_mag_cache, require
+from tiny_models import ComputeRecorder, denoise, tiny_flux
 
 import magsdk
 from magsdk.ratios import resample_by_timesteps, resample_nearest, select_calibration
@@ -41,6 +42,15 @@ def test_plan_is_the_runtime_schedule_and_reports_speedup():
     assert sorted(p.computed_steps + p.skipped_steps) == list(range(28))
     assert p.ideal_speedup == pytest.approx(28 / len(p.computed_steps))
     assert p.schedule_string().count(".") == len(p.skipped_steps)
+    # the runtime on a tiny Flux follows the plan: the steps it records and the steps whose blocks really ran
+    model = tiny_flux()
+    handle = magsdk.enable(model, config)
+    recorder = ComputeRecorder(model, model.transformer_blocks[0])
+    denoise(model, 28)
+    assert 0 < len(p.skipped_steps) < 28  # the comparison is not vacuous
+    assert handle.stats.computed_steps() == p.computed_steps
+    assert handle.stats.skipped_steps() == p.skipped_steps
+    assert recorder.computed_steps() == p.computed_steps
     # zero threshold: nothing can be skipped unless ratios are exactly 1
     strict = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, threshold=0.0)
     assert magsdk.plan(FLUX_RATIOS, strict, 28).skipped_steps == [14, 16, 18, 19]  # ratio exactly 1.0

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import sklearn  # noqa: F401  (a core dependency: the classifier needs it; missing, the tests fail, not skip)
 import torch
-
-pytest.importorskip("sklearn")
-
 from diffusers import DiffusionPipeline, FluxPipeline
 
 from magsdk.reference import (
