@@ -268,3 +268,183 @@ def run_ranks(world: int, tmp: Path, deadline_s: float, cli_args: list[str]) -> 
         else:
             results.append(pickle.loads(path.read_bytes()))
     return results
+
+
+# -- tests/test_doc_promises.py: the plan guard's curves and schedule, the drivers' split and refusal ----------
+#: Seeds and steps of the driver and synthetic-loop calibrations split across the ranks.
+SPLIT_SEEDS = 6
+SPLIT_STEPS = 4
+#: A curve of the same length as CURVE that differs from it (the guard must see the difference).
+OTHER_CURVE = [1.0, 0.97, 0.95, 0.93, 0.91, 0.9, 0.89, 0.88]
+
+
+def _guarded(model: torch.nn.Module, config: magsdk.MagCacheConfig, shift: float, world: Any) -> dict[str, Any]:
+    """Two cached CFG generations under ``parallel_group=world``: counts, or the error every rank raised."""
+    from magsdk.runtime.distributed import PlanMismatchError
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    started = time.monotonic()
+    try:
+        with magsdk.enable(model, config, scheduler=scheduler, parallel_group=world) as handle:
+            for seed in SEEDS:
+                denoise(model, STEPS, cfg=True, seed=seed, scheduler=scheduler)
+            guard = handle.sessions[0].plan_guard
+        return {"error": None, "computed": handle.stats.computed_calls, "skipped": handle.stats.skipped_calls,
+                "checks": guard.checks if guard is not None else None}
+    except PlanMismatchError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - started}
+
+
+def _split_calibration(kind: str, driver: str | None) -> dict[str, Any]:
+    """``run_calibration`` (what ``magsdk calibrate --driver`` / the synthetic loop run) on a tiny Flux under the
+    process group: the seeds this rank ran and the merged result."""
+    from magsdk.calibration.drivers import LoadedModel, run_calibration
+    from magsdk.calibration.settings import CalibrationSettings
+
+    model = tiny_flux()
+    first_latents: list[torch.Tensor] = []
+
+    def record(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        timestep = kwargs.get("timestep")
+        if isinstance(timestep, torch.Tensor) and float(timestep.max()) == 1.0:  # sigma 1: a generation's first call
+            first_latents.append(kwargs["hidden_states"].detach().clone())
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    loaded = LoadedModel(target="tiny FluxTransformer2DModel", transformer=model, weights="random weights")
+    settings = CalibrationSettings(kind=kind, steps=SPLIT_STEPS, seeds=SPLIT_SEEDS, driver=driver)
+    strategy = magsdk.StrategyRegistry.require("FluxTransformer2DModel")()
+    result, _ = run_calibration(loaded, strategy, settings, progress=False)
+    hook.remove()
+    if kind == "driver":
+        seeds = list(model.__dict__.get("seeds_run", []))
+    else:  # which seed's noise each generation started from
+        seeds = [s for latents in first_latents for s in range(SPLIT_SEEDS)
+                 if torch.equal(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(s)))]
+    return {"seeds": seeds, "generations": len(first_latents), "result": result.model_dump(mode="json")}
+
+
+def _partial_context_parallel_refusals(driver: str) -> dict[str, Any]:
+    """Context parallelism over 2 of 4 ranks (2 data-parallel x 2 ulysses): every driver refuses before running."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from magsdk.calibration.drivers import LoadedModel, resolve_settings, run_calibration
+    from magsdk.calibration.settings import CalibrationRequest, CalibrationSettings
+    from magsdk.reference.components import build_pipeline
+
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("dp", "ring", "ulysses"))
+    strategy = magsdk.StrategyRegistry.require("FluxTransformer2DModel")()
+    out: dict[str, Any] = {}
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, mesh=mesh))
+    calls = 0
+
+    def count(*_: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    pipe.transformer.register_forward_pre_hook(count)
+    loaded = LoadedModel(target="tiny FluxPipeline", transformer=pipe.transformer, pipeline=pipe)
+    request = CalibrationRequest(steps=SPLIT_STEPS, prompts=PROMPTS, seeds=1, height=32, width=32)
+    cases: list[tuple[str, LoadedModel, CalibrationSettings]] = [
+        ("pipeline", loaded, resolve_settings(request, loaded)),
+        ("driver", LoadedModel(target="tiny FluxPipeline", transformer=pipe.transformer),
+         CalibrationSettings(kind="driver", steps=SPLIT_STEPS, seeds=SPLIT_SEEDS, driver=driver)),
+    ]
+    for name, target, settings in cases:
+        calls = 0
+        try:
+            run_calibration(target, strategy, settings, progress=False)
+            out[name] = {"error": None}
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        out[name]["transformer_calls"] = calls
+    out["driver"]["seeds_run"] = list(pipe.transformer.__dict__.get("seeds_run", []))
+
+    model = tiny_flux()  # the synthetic loop on a bare context-parallel transformer
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, mesh=mesh))
+    generations = 0
+
+    def first_calls(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        nonlocal generations
+        timestep = kwargs.get("timestep")
+        generations += int(isinstance(timestep, torch.Tensor) and float(timestep.max()) == 1.0)
+
+    model.register_forward_pre_hook(first_calls, with_kwargs=True)
+    try:
+        run_calibration(LoadedModel(target="tiny FluxTransformer2DModel", transformer=model, weights="random weights"),
+                        strategy, CalibrationSettings(kind="synthetic", steps=SPLIT_STEPS, seeds=SPLIT_SEEDS),
+                        progress=False)
+        out["synthetic"] = {"error": None}
+    except Exception as exc:
+        out["synthetic"] = {"error": f"{type(exc).__name__}: {exc}"}
+    out["synthetic"]["euler_generations"] = generations
+    return out
+
+
+def promises_worker(rank: int, world: int, out_dir: str, port: int, calibration: str, driver: str) -> None:
+    """One rank of ``tests/test_doc_promises.py``: in the process group the CLI sets up from torchrun's
+    environment, plans that differ in their curves or their scheduler's shift, the driver and synthetic-loop
+    calibrations split across the ranks and, where diffusers has context parallelism, the drivers' refusal of
+    context parallelism over part of the world."""
+    import torch.distributed as dist
+
+    from magsdk.config import CalibrationResult
+    from magsdk.runtime.distributed import launched_process_group
+
+    torch.set_num_threads(1)
+    if hasattr(torch, "accelerator"):
+        torch.accelerator.device_count = lambda: 1  # CPU-only: see the module docstring (tests only)
+    path = Path(out_dir) / f"rank{rank}.pkl"
+    out: dict[str, Any] = {}
+    try:
+        os.environ.update(torchrun_environment(rank, world, port))
+        with launched_process_group("cpu") as size:
+            out["size"] = size
+            group = dist.group.WORLD
+            settings = {"threshold": THRESHOLD, "max_skip_steps": 3, "retention_ratio": 0.2}
+            curve = CURVE if rank % 2 == 0 else OTHER_CURVE
+            out["curves_mismatch"] = _guarded(tiny_flux(), magsdk.MagCacheConfig(mag_ratios=curve, **settings), 1.0,
+                                              group)
+            measured = magsdk.MagCacheConfig(mag_ratios=CalibrationResult.model_validate_json(calibration), **settings)
+            out["shift_mismatch"] = _guarded(tiny_flux(), measured, 1.0 if rank % 2 == 0 else 3.0, group)
+            out["same_plan"] = _guarded(tiny_flux(), measured, 3.0, group)
+            out["driver_split"] = _split_calibration("driver", driver)
+            out["synthetic_split"] = _split_calibration("synthetic", None)
+            if HAS_CONTEXT_PARALLEL:
+                out["partial_cp"] = _partial_context_parallel_refusals(driver)
+            else:
+                out["cp_lacking"] = lacks(CONTEXT_PARALLEL)
+    except BaseException:
+        out["failed"] = traceback.format_exc()
+    path.write_bytes(pickle.dumps(out))
+
+
+def run_ranks_of(target: Any, world: int, tmp: Path, deadline_s: float, *args: Any) -> list[dict[str, Any]]:
+    """``run_ranks`` for another worker: ``target(rank, world, out_dir, port, *args)`` in ``world`` spawned
+    processes, each writing ``rankR.pkl``; whatever still runs after ``deadline_s`` is killed (a hang)."""
+    ctx = multiprocessing.get_context("spawn")
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, str(tmp), port, *args), daemon=True) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    end = time.monotonic() + deadline_s
+    for proc in procs:
+        proc.join(max(0.0, end - time.monotonic()))
+    hung = [r for r, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    results = []
+    for r in range(world):
+        path = tmp / f"rank{r}.pkl"
+        if r in hung:
+            results.append({"failed": f"rank {r} still running after {deadline_s:.0f} s: killed (a hang)"})
+        elif not path.exists():
+            results.append({"failed": f"rank {r} exited with code {procs[r].exitcode} and wrote nothing"})
+        else:
+            results.append(pickle.loads(path.read_bytes()))
+    return results
