@@ -28,13 +28,17 @@ from magsdk.export import (
 )
 from magsdk.planner import BudgetPlan, InfeasibleBudgetError, plan_budget
 from magsdk.ratios import SkipPlan, plan, resample_by_timesteps, resample_nearest
-from magsdk.registry import StrategyRegistry, TransformerBlockRegistry, discover_strategies
+from magsdk.registry import StrategyRegistry, TransformerBlockRegistry, discover_strategies, serve_bundled_package
 from magsdk.runtime import CacheStats, CalibrationHandle, MagCacheHandle, calibrate, enable
 from magsdk.runtime.distributed import DistributedCalibrationError, PlanMismatchError
 from magsdk.strategy import MagCacheStrategy, load_calibrations, load_variants
 from magsdk.variants import VariantSelectionError, select_variant
 
 __version__ = "0.1.0"
+
+# A ./strategies/ folder in the working directory (scaffold's default output) must not hide the bundled
+# strategies from `import strategies.flux` (magsdk/registry.py, serve_bundled_package).
+serve_bundled_package()
 
 __all__ = [
     "AmbiguousSlots",

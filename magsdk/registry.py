@@ -322,13 +322,16 @@ def discover_strategies(package: str = BUNDLED_PACKAGE) -> list[str]:
 
 
 def _import_package(package: str) -> list[str]:
+    if package == BUNDLED_PACKAGE:
+        serve_bundled_package()
     try:
         pkg = importlib.import_module(package)
     except ImportError:
         logger.debug("strategy package %r is not importable", package)
         return []
     imported: list[str] = []
-    for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
+    folders = [str(p) for p in bundled_folders()] if package == BUNDLED_PACKAGE else getattr(pkg, "__path__", [])
+    for info in pkgutil.iter_modules(folders):
         if info.name.startswith("_"):
             continue
         name = f"{package}.{info.name}"
@@ -340,8 +343,39 @@ def _import_package(package: str) -> list[str]:
     return imported
 
 
+def _installed_bundled_folder() -> Path | None:
+    """The bundled package's folder: installed next to ``magsdk`` (a wheel's site-packages, an editable checkout)."""
+    folder = Path(__file__).resolve().parent.parent / BUNDLED_PACKAGE
+    return folder if (folder / "__init__.py").is_file() else None
+
+
+def serve_bundled_package() -> None:
+    """Keep ``import strategies.flux`` working when the working directory has a ``strategies/`` folder.
+
+    Such a folder (``magsdk scaffold``'s default output, no ``__init__.py``) is a namespace package, and in an
+    editable install Python's path finder takes it for ``strategies`` before setuptools' editable finder is
+    asked: the bundled strategies would vanish. The bundled folder is then added to that namespace's path, so
+    both are served. A user's own regular package named ``strategies`` is left alone.
+    """
+    folder = _installed_bundled_folder()
+    if folder is None:
+        return
+    module = sys.modules.get(BUNDLED_PACKAGE)
+    if module is None:
+        spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+        if spec is None or spec.origin is not None:  # absent, or a regular package: nothing to add
+            return
+        module = importlib.import_module(BUNDLED_PACKAGE)  # a namespace: runs no code
+    if getattr(module, "__file__", None) is None and str(folder) not in list(getattr(module, "__path__", [])):
+        module.__path__ = [*module.__path__, str(folder)]  # a plain list: a namespace path would recompute
+        logger.debug("the bundled strategies %s are served next to the namespace package %s", folder, module.__path__)
+
+
 def bundled_folders() -> list[Path]:
     """The folders of the bundled ``strategies`` package (never scanned twice as a user folder)."""
+    installed = _installed_bundled_folder()
+    if installed is not None:
+        return [installed]
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     locations = spec.submodule_search_locations if spec is not None else None
     return [Path(p).resolve() for p in (locations or [])]

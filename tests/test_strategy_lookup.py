@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +174,24 @@ def test_snapshot_and_restore_put_both_registries_back() -> None:
     assert TransformerBlockRegistry.get("TemporaryBlock") is None
     after = StrategyRegistry.snapshot()
     assert after.strategies == before.strategies and after.blocks == before.blocks and after.known == before.known
+
+
+def test_a_strategies_folder_in_the_working_directory_does_not_hide_the_bundled_ones(tmp_path: Path) -> None:
+    """``magsdk scaffold`` writes ``./strategies/<name>.py`` (no ``__init__.py``). In a fresh process whose working
+    directory holds it, Python took that folder for the ``strategies`` package (a namespace package found before an
+    editable install's finder): no bundled strategy was registered and ``import strategies.flux`` failed."""
+    write_strategy(tmp_path / "strategies")
+    script = (
+        "import json, magsdk\n"
+        "magsdk.discover_strategies()\n"
+        "registry = magsdk.StrategyRegistry\n"
+        "found = {c: registry.origin(c) for c in ('FluxTransformer2DModel', 'WanTransformer3DModel', 'LookupNet')}\n"
+        "from strategies.flux import FluxStrategy\n"  # the docs' way to import a bundled strategy
+        "from strategies.lookup_net import LookupNetStrategy\n"  # and the user's own, from the same folder name
+        "print(json.dumps(found | {'flux': registry.resolve('flux').__name__}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == {"FluxTransformer2DModel": "bundled", "WanTransformer3DModel": "bundled", "LookupNet": "folder",
+                     "flux": "FluxStrategy"}
