@@ -220,9 +220,13 @@ def _log_choice(strategy: type[MagCacheStrategy], variant: StrategyVariant, seen
 
 # -- names ------------------------------------------------------------------------------------------
 def all_variants() -> dict[str, tuple[type[MagCacheStrategy], StrategyVariant]]:
-    """Variant name → (strategy, variant) over every registered strategy; names must be unique."""
+    """Variant name → (strategy, variant) over every strategy found; names must be unique among the strategies
+    ``enable`` would use. A strategy shadowed for its transformer class by a more specific one (your own FLUX
+    strategy over the bundled one) keeps the variant names the winner does not use: ``flux.1-kontext`` still
+    names the bundled FLUX.1 Kontext curve."""
     found: dict[str, tuple[type[MagCacheStrategy], StrategyVariant]] = {}
-    for cls in StrategyRegistry.all().values():
+    winners = list(StrategyRegistry.all().values())
+    for cls in winners:
         for variant in cls.variants:
             if variant.name in found and found[variant.name][0] is not cls:
                 other = found[variant.name][0]
@@ -231,6 +235,10 @@ def all_variants() -> dict[str, tuple[type[MagCacheStrategy], StrategyVariant]]:
                     f"{cls.__module__}.{cls.__name__}; rename one of them"
                 )
             found[variant.name] = (cls, variant)
+    for cls in StrategyRegistry.known():
+        if cls not in winners:
+            for variant in cls.variants:
+                found.setdefault(variant.name, (cls, variant))
     return found
 
 

@@ -195,3 +195,24 @@ def test_a_strategies_folder_in_the_working_directory_does_not_hide_the_bundled_
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found == {"FluxTransformer2DModel": "bundled", "WanTransformer3DModel": "bundled", "LookupNet": "folder",
                      "flux": "FluxStrategy"}
+
+
+def test_a_folder_strategy_for_flux_keeps_the_bundled_flux_variant_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Your own FLUX strategy wins for FluxTransformer2DModel; ``flux.1-kontext`` used to vanish with it."""
+    text = STRATEGY.replace('"LookupNet"', '"FluxTransformer2DModel"').replace("LookupNetStrategy", "MyFluxStrategy")
+    (tmp_path / "strategies").mkdir()
+    (tmp_path / "strategies" / "my_flux.py").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    discover_strategies()
+    assert StrategyRegistry.get("FluxTransformer2DModel").__name__ == "MyFluxStrategy"  # type: ignore[union-attr]
+    from magsdk.variants import resolve_name
+
+    strategy, variant = resolve_name("flux.1-kontext")
+    assert strategy is FluxStrategy and variant is not None and variant.name == "flux.1-kontext"
+    plans = {}
+    for name in ("flux.1-kontext", "flux.1-dev"):  # both bundled variants still plan from the command line
+        assert main(["plan", "--strategy", name, "--steps", "28", "--json"]) == 0
+        plans[name] = json.loads(capsys.readouterr().out)
+    assert plans["flux.1-kontext"] != plans["flux.1-dev"]  # each its own curve and settings
