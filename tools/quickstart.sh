@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (CPU torch + magsdk) and run the main job.
+# Set up (torch + magsdk) and run the main job.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/tools/setup.sh"

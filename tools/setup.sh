@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) with the CPU build of torch and magsdk with its dev extra.
+# Create .venv (if missing) with torch 2.13.0 (the CPU build where pip finds one; see README) and magsdk with its dev extra.
 # Usage: source tools/setup.sh   (or bash tools/setup.sh)
 #   MAGSDK_VENV=path        the environment (default .venv)
 #   MAGSDK_OLDEST=1         install the oldest diffusers and transformers pyproject.toml supports
