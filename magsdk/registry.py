@@ -143,6 +143,9 @@ class StrategyRegistry:
         if existing is not None and existing is not strategy:
             if _RANK[cls._origins.get(name, "explicit")] > _RANK[origin]:
                 logger.debug("keeping %s for %s over %s (%s)", existing.__qualname__, name, strategy.__module__, origin)
+                for block_name, metadata in strategy.block_metadata.items():  # its blocks still serve others
+                    if TransformerBlockRegistry.get(block_name) is None:
+                        TransformerBlockRegistry.register(block_name, metadata)
                 return
         cls._registry[name] = strategy
         cls._origins[name] = origin

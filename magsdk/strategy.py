@@ -7,7 +7,10 @@ subclass with a ``transformer_cls_name`` registers it; ``strategies/`` holds one
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +29,45 @@ def load_calibrations(raw: Sequence[Mapping[str, Any]]) -> list[CalibrationEntry
 def load_variants(raw: Sequence[Mapping[str, Any]]) -> list[StrategyVariant]:
     """Validate the ``VARIANTS`` literal of a strategy module (published models, their curves and rules)."""
     return [StrategyVariant.model_validate(dict(entry)) for entry in raw]
+
+
+def _registered_block_metadata(block_class: str) -> BlockMetadata | None:
+    """``TransformerBlockRegistry``'s metadata for a block class, after discovering the strategies if needed."""
+    from magsdk.registry import TransformerBlockRegistry, discover_strategies
+
+    found = TransformerBlockRegistry.get(block_class)
+    if found is None:
+        discover_strategies()
+        found = TransformerBlockRegistry.get(block_class)
+    return found
+
+
+def _registered_block_classes() -> list[str]:
+    from magsdk.registry import TransformerBlockRegistry
+
+    return TransformerBlockRegistry.names()
+
+
+def _source_of(cls: type) -> str | None:
+    """The file that defines ``cls`` (also for a module imported from a path and gone from sys.modules)."""
+    try:
+        found = inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        found = None
+    if found is None:
+        for value in vars(cls).values():
+            code = getattr(value, "__code__", None)
+            if code is not None and Path(code.co_filename).is_file():
+                return str(code.co_filename)
+    return found
+
+
+def _inspect_target(transformer_cls: type) -> str:
+    """A ``magsdk inspect`` target for a transformer class: its name for diffusers', else FILE.py:Class."""
+    if transformer_cls.__module__.split(".")[0] == "diffusers":
+        return transformer_cls.__name__
+    where = _source_of(transformer_cls)
+    return f"{where}:{transformer_cls.__qualname__}" if where else transformer_cls.__name__
 
 
 class MagCacheStrategy:
@@ -134,6 +176,63 @@ class MagCacheStrategy:
         }
         values.update(overrides)
         return MagCacheConfig(**values)
+
+    # -- block metadata -------------------------------------------------------------------------
+    def metadata_lookup(self, transformer: torch.nn.Module, *, check: bool = True) -> dict[str, BlockMetadata]:
+        """Block class (or group path) → metadata for the blocks of ``transformer`` this strategy caches.
+
+        The strategy's own ``block_metadata`` first; a block class it has none for takes the metadata
+        registered for that class (``TransformerBlockRegistry``: every bundled strategy registers its
+        blocks), as for a transformer that has no strategy. The blocks are those of ``block_groups``, or
+        with none given and no ``block_metadata`` either, the block lists found in the transformer.
+        ``check``: a block class with neither raises ``BlockLayoutError`` saying what to add.
+        """
+        lookup = dict(self.block_metadata)
+        for path, block_class in self._block_classes(transformer):
+            if path in lookup or block_class in lookup:
+                continue
+            registered = _registered_block_metadata(block_class)
+            if registered is not None:
+                lookup[block_class] = registered
+            elif check:
+                raise BlockLayoutError(self._no_metadata_message(transformer, path, block_class))
+        return lookup
+
+    def _block_classes(self, transformer: torch.nn.Module) -> list[tuple[str, str]]:
+        """(block path, block class name) of each block in the groups the strategy caches."""
+        found: list[tuple[str, str]] = []
+        if self.block_groups:
+            for path in self.block_groups:
+                try:
+                    container = transformer.get_submodule(path)
+                except AttributeError:
+                    continue  # find_block_groups says the path is missing
+                found.extend((path, type(block).__name__) for block in container.children())
+        elif not self.block_metadata:
+            from magsdk.inspect.trace import find_block_containers
+
+            found.extend((c.path, c.block_class) for c in find_block_containers(transformer))
+        return found
+
+    def _no_metadata_message(self, transformer: torch.nn.Module, path: str, block_class: str) -> str:
+        cls = type(self)
+        where = _source_of(cls)
+        model = _inspect_target(type(transformer))
+        fields = "".join(f"            {name}=...,\n" for name in BlockMetadata.model_fields)
+        return (
+            f"strategy {cls.__name__} has no block_metadata for {block_class} (the blocks of "
+            f"{type(transformer).__name__}.{path}), and no metadata is registered for that block class either "
+            f"(registered: {', '.join(_registered_block_classes()) or 'none'}). Add this to the body of "
+            f"{cls.__name__}{f' in {where}' if where else ''}:\n\n"
+            f"    block_metadata = {{\n"
+            f"        {json.dumps(block_class)}: BlockMetadata(\n"
+            f"{fields}"
+            f"        ),\n"
+            f"    }}\n\n"
+            f"with `from magsdk import BlockMetadata` among its imports, and each `...` replaced by the value "
+            f"`magsdk inspect {model} --json` prints for that field under block_groups[].metadata of the group "
+            f"whose block_class is {json.dumps(block_class)} (null is None, true/false are True/False)."
+        )
 
     # -- residual handling ----------------------------------------------------------------------
     def compute_residual(

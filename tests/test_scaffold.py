@@ -11,6 +11,7 @@ Every hint an error gives is followed here as written, and the command is run ag
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shlex
 import shutil
@@ -32,7 +33,7 @@ from magsdk.codegen import import_from_path, isolated_registry, read_calibration
 from magsdk.codegen.patch import strip_calibrations
 from magsdk.errors import UsageError
 from magsdk.reference.components import build_pipeline
-from magsdk.registry import discover_strategies
+from magsdk.registry import StrategyRegistry, discover_strategies
 from magsdk.workflow.common import default_strategy_name
 
 PROMPT = "a handwritten digit seven"
@@ -330,6 +331,118 @@ def test_the_hint_for_a_module_without_calibrations_works_as_written(
     assert main(args) == 0  # the validation includes mypy --strict
     (entry,) = read_calibrations(path.read_text())
     assert entry["num_steps"] == 3
+
+
+NO_METADATA = '''"""A strategy written by hand: the transformer class and its block lists, no block_metadata."""
+
+from magsdk import MagCacheStrategy
+
+
+class HandmadeStrategy(MagCacheStrategy):
+    transformer_cls_name = "FluxTransformer2DModel"
+    block_groups = ("transformer_blocks", "single_transformer_blocks")
+'''
+
+
+def test_a_hand_written_strategy_without_block_metadata_uses_the_registered_blocks(
+    pipeline_folder: Path, prompts_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_mypy: None
+) -> None:
+    """Its block classes are registered (the bundled Flux strategy registers them): calibrate and enable use them."""
+    path = tmp_path / "handmade.py"
+    path.write_text(NO_METADATA)
+    args = ["calibrate", str(path), "--model", str(pipeline_folder), "--steps", str(STEPS), "--seeds", "1",
+            "--prompts", str(prompts_file), *SMALL]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    module_lines = re.search(r"after its imports:\n\n((?: {4}.+\n)+)", err)
+    class_line = re.search(r"strategy class .*:\n\n {4}(.+)\n", err)
+    assert module_lines and class_line, err
+    # Exactly the lines the CALIBRATIONS hint asks for, nothing else.
+    added = "".join(line[4:] + "\n" for line in module_lines.group(1).splitlines())
+    imports = "from magsdk import MagCacheStrategy\n"
+    path.write_text(NO_METADATA.replace(imports, imports + added) + f"    {class_line.group(1)}\n")
+    assert main(args) == 0, capsys.readouterr().err
+    (entry,) = read_calibrations(path.read_text())
+    assert entry["num_steps"] == STEPS and list(entry["branches"]) == ["cond"]
+    assert len(entry["branches"]["cond"]) == STEPS
+
+    from strategies.flux import FluxStrategy
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate() -> torch.Tensor:
+        with torch.no_grad():
+            images: torch.Tensor = pipe(**pipeline_call_kwargs(pipe, PROMPT, 0, replay_kwargs(entry["settings"])))[0]
+        return images
+
+    with isolated_registry():
+        with magsdk.enable(pipe, strategy=str(path)) as handle:
+            assert type(handle.strategy).__name__ == "HandmadeStrategy"
+            ours = generate()
+            computed, skipped = handle.stats.computed_steps("cond"), handle.stats.skipped_steps("cond")
+            config = type(handle.strategy).default_config(STEPS)
+        assert skipped and len(computed) + len(skipped) == STEPS
+        with magsdk.enable(pipe, config, strategy=FluxStrategy) as bundled:  # the same curve and settings
+            theirs = generate()
+            assert bundled.stats.computed_steps("cond") == computed
+        assert torch.equal(ours, theirs)
+
+    # Defined before any strategy was discovered: it shadows the bundled Flux strategy, whose blocks still count.
+    with isolated_registry():
+        StrategyRegistry.reset()
+        import_from_path(path)
+        with magsdk.enable(pipe) as handle:
+            assert type(handle.strategy).__name__ == "HandmadeStrategy"
+            assert torch.equal(generate(), ours) and handle.stats.computed_steps("cond") == computed
+
+
+TOY_STRATEGY = '''from magsdk import MagCacheStrategy
+
+
+class ToyStrategy(MagCacheStrategy):
+    transformer_cls_name = "ToyTransformer"
+    block_groups = ("stack",)
+'''
+
+
+def test_a_block_class_nobody_registered_gets_an_error_saying_which_block_metadata_to_add(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli_toys import TOY_TRANSFORMER
+
+    from magsdk import MagCacheConfig
+    from magsdk.errors import BlockLayoutError
+
+    (tmp_path / "toy_model.py").write_text(TOY_TRANSFORMER)
+    path = tmp_path / "toy_strategy.py"
+    path.write_text(TOY_STRATEGY)
+    torch.manual_seed(0)
+    toy = import_from_path(tmp_path / "toy_model.py").ToyTransformer()
+    config = MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4)
+    with isolated_registry(), pytest.raises(BlockLayoutError) as failed:
+        magsdk.enable(toy, config, strategy=str(path))
+    message = str(failed.value)
+    assert "ToyStrategy" in message and str(path) in message and "has no block_metadata for Block" in message
+    assert "stack" in message and "no metadata is registered" in message
+
+    # Follow it: the inspect command it names, then the block_metadata it shows with each `...` filled in.
+    assert main(hinted_command(message)) == 0
+    report = json.loads(capsys.readouterr().out)
+    (group,) = [g for g in report["block_groups"] if g["block_class"] == "Block"]
+    code = re.search(r"\n\n((?: {4}.+\n)+)\n", message)
+    assert code and code.group(1).startswith("    block_metadata = {"), message
+    filled = re.sub(r"(\w+)=\.\.\.,", lambda m: f"{m.group(1)}={group['metadata'][m.group(1)]!r},", code.group(1))
+    import_line = re.search(r"`(from magsdk import \w+)`", message)
+    assert import_line and "..." not in filled, message
+    path.write_text(f"{import_line.group(1)}\n{TOY_STRATEGY}{filled}")
+
+    with isolated_registry(), magsdk.enable(toy, config, strategy=str(path)) as handle, torch.no_grad():
+        hidden = torch.randn(1, 5, 4)
+        for i in range(4):
+            toy(hidden, torch.tensor([1.0 - i / 4]))
+        assert type(handle.strategy).__name__ == "ToyStrategy"
+        assert handle.stats.computed_steps() == [0] and handle.stats.skipped_steps() == [1, 2, 3]
 
 
 def test_the_hint_for_a_missing_strategy_file_works_as_written(

@@ -312,15 +312,24 @@ def render_strategy(spec: StrategySpec) -> str:
 
 
 def render_test(
-    spec: StrategySpec, *, module_relpath: str, model_relpath: tuple[str, str] | None = None
+    spec: StrategySpec,
+    *,
+    module_relpath: str,
+    model_relpath: tuple[str, str] | None = None,
+    inputs: str | None = None,
+    inputs_relpath: tuple[str, str] | None = None,
 ) -> str:
     """The test module for a generated strategy; the relative paths are from the test's folder.
 
     ``model_relpath`` is (path, suffix) for a local model: ``("../../pipe", "")`` or
-    ``("../models.py", ":MyTransformer")``.
+    ``("../models.py", ":MyTransformer")``. ``inputs`` is the ``--inputs FILE.py:FUNC`` the model was
+    inspected with (the test inspects it again with the same function); ``inputs_relpath`` is that
+    file as (path, ``":FUNC"``) from the test's folder, so it is found from any working directory.
     """
     context = {
         "model_relpath": model_relpath,
+        "inputs": inputs,
+        "inputs_relpath": inputs_relpath if inputs else None,
         "module_name": spec.module_name,
         "module_relpath": module_relpath,
         "class_name": spec.class_name,

@@ -379,8 +379,11 @@ def _check_strategy_class(cls: type[MagCacheStrategy], transformer: torch.nn.Mod
     )
 
 
-def _metadata_lookup(strategy: MagCacheStrategy, metadata: MetadataSource | None) -> dict[str, BlockMetadata]:
-    lookup = dict(strategy.block_metadata)
+def _metadata_lookup(
+    strategy: MagCacheStrategy, metadata: MetadataSource | None, transformer: torch.nn.Module
+) -> dict[str, BlockMetadata]:
+    # the strategy's metadata, registered block classes for those it lacks; given metadata wins
+    lookup = strategy.metadata_lookup(transformer, check=metadata is None)
     if isinstance(metadata, InspectionReport):
         lookup.update(metadata.metadata_by_class())
         lookup.update({group.path: group.metadata for group in metadata.block_groups})
@@ -584,7 +587,7 @@ def _new_session(
 
             raise BlockLayoutError(ambiguity_error(metadata))
         paths = tuple(group.path for group in metadata.block_groups)
-    blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata), paths)
+    blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata, transformer), paths)
     auto = None
     if curves is None and config.auto_calibrate and not config.calibrate:
         if scheduler is None and config.num_inference_steps is None:

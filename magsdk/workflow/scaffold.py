@@ -11,6 +11,7 @@ fills instead of calibrating, and goes through the same render / validate / writ
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def _prepare(options: ScaffoldOptions, report: InspectionReport, model: str) -> 
     test_text = None
     if test_path is not None:
         test_text = render_test(spec, module_relpath=f"../{module_path.name}",
-                                model_relpath=relative_model_path(model, test_path.parent))
+                                model_relpath=relative_model_path(model, test_path.parent),
+                                inputs=options.inputs,
+                                inputs_relpath=_relative_inputs_path(options.inputs, test_path.parent))
     rerun = command_line("magsdk", "calibrate", str(module_path), "--model", model, options=options)
     existing = existing_module(module_path, skeleton, report.transformer, force=options.force, rerun=rerun)
     if existing.dropped:
@@ -126,6 +129,26 @@ def _prepare(options: ScaffoldOptions, report: InspectionReport, model: str) -> 
             test_text = None
     return _Prepared(report=report, spec=spec, module_path=module_path, test_path=test_path, skeleton=skeleton,
                      test_text=test_text, existing=existing, notes=notes)
+
+
+def _relative_inputs_path(spec: str | None, test_dir: Path) -> tuple[str, str] | None:
+    """An ``--inputs`` file as seen from the test folder (path, ``":FUNC"``), so the test finds it anywhere.
+
+    ``FILE.py:FUNC`` names a file; ``pkg.module:FUNC`` one in the working directory when there is one
+    (as ``--inputs`` looks it up), else an importable module, which the test imports by name (None).
+    """
+    if spec is None:
+        return None
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where)
+    elif where and all(part.isidentifier() for part in where.split(".")):
+        path = Path.cwd().joinpath(*where.split(".")).with_suffix(".py")
+    else:
+        return None
+    if not path.is_file():
+        return None
+    return Path(os.path.relpath(path.resolve(), test_dir.resolve())).as_posix(), f":{name}"
 
 
 def _strategy_from_text(text: str, filename: str, transformer: str) -> type[MagCacheStrategy]:
