@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -18,7 +19,7 @@ from magsdk.errors import MagSDKError
 
 app = typer.Typer(
     name="magsdk",
-    help="MagCache for any diffusion transformer: inspect, scaffold, calibrate, plan, demo.",
+    help="MagCache for any diffusion transformer: inspect, scaffold, calibrate, plan, list, export, demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -39,11 +40,32 @@ def _register_commands() -> None:
     # One import per command module; each defines `register(app)`.
     from magsdk.commands import demo, export, inspect, listing, plan, scaffold
 
-    for module in (demo, inspect, plan, listing, export, scaffold):
+    for module in (inspect, scaffold, plan, listing, export, demo):  # docs/cli.md's order
         module.register(app)
 
 
 _register_commands()
+
+
+def _command() -> Any:
+    """``app`` as the click command it runs, its help written like docs/cli.md.
+
+    typer labels each value with its Python type (``--json <bool>``, ``--out <str>``) and a required
+    argument with braces (``{target}``); the commands give their metavars (``--out FILE``), and here a
+    flag gets no label (it takes no value) and an argument is named as docs/cli.md names it (``TARGET``).
+    """
+    command = typer.main.get_command(app)
+    for sub in [command, *getattr(command, "commands", {}).values()]:
+        help_option = sub.get_help_option(sub.context_class(sub, info_name=sub.name))
+        for param in [*sub.params, *([help_option] if help_option is not None else [])]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+            elif param.param_type_name == "argument":
+                param.metavar = param.metavar or str(param.name).upper()
+                usage = [param.metavar if param.required else f"[{param.metavar}]"]
+                setattr(param, "get_usage_pieces", lambda ctx, usage=usage: usage)  # noqa: B010
+                setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010  (the name says it)
+    return command
 
 
 def _is(exc: BaseException, name: str) -> bool:
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     set_invocation(args)
     try:
-        app(args=args, prog_name="magsdk", standalone_mode=False)
+        _command().main(args=args, prog_name="magsdk", standalone_mode=False)
     except MagSDKError as exc:
         if debug:
             traceback.print_exc()

@@ -3,6 +3,13 @@ and a hint that works when followed."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
 import sys
 import textwrap
 from pathlib import Path
@@ -148,3 +155,197 @@ def test_unknown_config_keys_are_an_error_naming_them_and_the_accepted_ones(work
                          '{"num_layers": 2, "dim": 8, "_class_name": "ToyTransformer"}')
     assert code == 0, err
     assert "2 cached blocks" in out
+
+
+# 8 ----------------------------------------------------------------------------------------------------
+ODD = TOY.replace("class ToyTransformer", "class OddTransformer").replace(
+    "def forward(self, hidden_states, timestep):", "def forward(self, hidden_states, timestep, frobnicator):")
+
+ODD_INPUTS = textwrap.dedent(
+    '''
+    import torch
+
+
+    def make_inputs(model):
+        x = torch.randn(1, 9, model.proj_in.in_features)
+        return (), {"hidden_states": x, "timestep": torch.tensor([0.5]), "frobnicator": torch.zeros(1)}
+    '''
+)
+
+
+def test_inspect_inputs_hint_repeats_the_target_as_typed(workdir: Path, capsys) -> None:
+    """The hint is the user's own command with --inputs added (a file.py:Class target is no diffusers class name)."""
+    from magsdk.inspect import inspect_target
+    from magsdk.inspect.inputs import InputSynthesisError
+
+    (workdir / "odd_model.py").write_text(ODD)
+    code, out, err = run(capsys, "inspect", "odd_model.py:OddTransformer", "--json")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: cannot synthesize the 'frobnicator' argument of OddTransformer.forward: its name "
+                          "does not say what it holds.")
+    hint = err.rsplit("then run the command again with the option added: ", 1)[1]
+    assert hint == "magsdk inspect odd_model.py:OddTransformer --json --inputs my_inputs.py:make_inputs"
+    (workdir / "my_inputs.py").write_text(ODD_INPUTS)
+    code, out, err = run(capsys, *shlex.split(hint)[1:])
+    assert code == 0, err
+    assert json.loads(out)["transformer"] == "OddTransformer"
+    # from Python, the hint names the target as it was given too
+    with pytest.raises(InputSynthesisError) as caught:
+        inspect_target("odd_model.py:OddTransformer")
+    assert str(caught.value).endswith("magsdk inspect odd_model.py:OddTransformer --inputs my_inputs.py:make_inputs")
+
+
+# 9 ----------------------------------------------------------------------------------------------------
+def test_a_missing_local_model_path_is_named_before_it_is_taken_for_a_hub_id(workdir: Path, capsys) -> None:
+    """``./nope`` is shaped like ``org/name``; it was loaded as a Hub id (HFValidationError, exit 1)."""
+    strategy = workdir / "my_strategy.py"
+    strategy.write_text((Path(__file__).parents[1] / "strategies" / "flux.py").read_text())
+    before = strategy.read_bytes()
+    missing = (workdir / "nope").resolve()
+    expected = (f"error: --model './nope': no such file or folder ({missing} does not exist); give a diffusers "
+                "pipeline folder (model_index.json), a transformer folder (config.json), a class name or file.py:Class")
+    assert run(capsys, "calibrate", str(strategy), "--model", "./nope") == (2, "", expected)
+    assert strategy.read_bytes() == before
+    code, out, err = run(capsys, "scaffold", "--model", "./nope", "--out", "out")
+    assert (code, out, err) == (2, "", expected)
+    code, out, err = run(capsys, "demo", "--model", "./nope", "--out", "demo-out")
+    assert (code, out) == (2, "") and err.endswith(
+        f"error: --model './nope': no such folder ({missing} does not exist); `magsdk demo` generates images with "
+        "a whole diffusers pipeline, so it needs a pipeline folder (with model_index.json), or leave --model out for "
+        "the bundled digits pipeline")
+    assert not (workdir / "out").exists() and not (workdir / "demo-out").exists()
+
+
+# 10 ---------------------------------------------------------------------------------------------------
+def _hinted(err: str, before: str) -> list[str]:
+    """The command a hint gives after ``before``, as arguments of ``main``."""
+    return shlex.split(err.split(before, 1)[1].split("`", 1)[0])[1:]
+
+
+def test_offline_hub_id_hints_fit_the_command(workdir: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scaffold / calibrate need the pipeline's weights (a config-only folder gives a synthetic curve), demo a
+    local pipeline folder; each says how to download it, and the commands they give work once it is here."""
+    from magsdk.reference import reference_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a machine without network sees the Hub
+    monkeypatch.setenv("MAGSDK_SKIP_MYPY", "1")
+    repo, local = "some-org/Digits-Pipeline", "Digits-Pipeline"
+    (workdir / "one.txt").write_text("a handwritten digit 3\n")
+    here = (workdir / repo).resolve()
+    code, out, err = run(capsys, "scaffold", "--model", repo, "--steps", "2", "--prompts", "one.txt", "--out", "out")
+    assert (code, out) == (2, "")
+    assert err.endswith(  # after what transformers may log on import
+        f"error: --model '{repo}' looks like a Hugging Face Hub id (there is no local folder {here}), but the "
+        "pipeline is not in the local Hugging Face cache and the Hub cannot be reached (offline?). `magsdk scaffold` "
+        "calibrates on the pipeline's own generations, so it needs the whole pipeline with its weights: on a machine "
+        f"with network run `hf download {repo} --local-dir {local}` (huggingface_hub < 0.34: `huggingface-cli "
+        "download` with the same arguments; log in first with `hf auth login` for a gated model), bring the folder "
+        f"here and run `magsdk scaffold --model {local} --steps 2 --prompts one.txt --out out`. A folder with only "
+        f"the transformer's config (`hf download {repo} transformer/config.json --local-dir {local}`, then `magsdk "
+        f"scaffold --model {local}/transformer --steps 2 --prompts one.txt --out out`) gives a synthetic calibration: "
+        "random weights on synthesized inputs, a curve of the architecture, not of the trained model"
+    )
+    assert "magsdk inspect" not in err and not (workdir / "out").exists()
+    # the config-only folder: a synthetic curve, as the hint says
+    (workdir / local / "transformer").mkdir(parents=True)
+    shutil.copy(reference_model_path() / "transformer" / "config.json", workdir / local / "transformer")
+    code, out, err = run(capsys, *_hinted(err, "then `"))
+    assert code == 0, err
+    assert "this curve is synthetic" in " ".join(out.split())
+    # the whole pipeline: calibrated on its generations
+    shutil.rmtree(workdir / local)
+    shutil.copytree(reference_model_path(), workdir / local)
+    code, out, err = run(capsys, "scaffold", "--model", repo, "--steps", "2", "--prompts", "one.txt", "--out", "real")
+    code, out, err = run(capsys, *_hinted(err, "bring the folder here and run `"))
+    assert code == 0, err
+    assert "synthetic" not in out and "wrote real/digits_pipeline.py" in " ".join(out.split())
+    # calibrate names itself, and its strategy file is left as it was
+    module = (workdir / "real" / "digits_pipeline.py").read_bytes()
+    code, out, err = run(capsys, "calibrate", "real/digits_pipeline.py", "-m", repo, "--steps", "3")
+    assert (code, out) == (2, "")
+    assert "`magsdk calibrate` calibrates on the pipeline's own generations" in err
+    assert "run `magsdk calibrate real/digits_pipeline.py -m Digits-Pipeline --steps 3`" in err
+    assert (workdir / "real" / "digits_pipeline.py").read_bytes() == module
+    # demo never downloads: a local pipeline folder, not "a bare transformer"
+    code, out, err = run(capsys, "demo", "--model", repo, "--steps", "2", "--rounds", "1", "--prompts", "one.txt",
+                         "--out", "demo-out")
+    assert (code, out) == (2, "")
+    assert err.endswith(
+        f"error: --model '{repo}' looks like a Hugging Face Hub id, but `magsdk demo` runs on a local pipeline folder "
+        f"only (it does not download, and there is no folder {here}): on a machine with network run `hf download "
+        f"{repo} --local-dir {local}` (huggingface_hub < 0.34: `huggingface-cli download` with the same arguments; "
+        "log in first with `hf auth login` for a gated model), bring the folder here and run `magsdk demo --model "
+        f"{local} --steps 2 --rounds 1 --prompts one.txt --out demo-out`"
+    )
+    assert "bare transformer" not in err and not (workdir / "demo-out").exists()
+    code, out, err = run(capsys, *_hinted(err, "bring the folder here and run `"))
+    assert code == 0, err
+    # a transformer folder is what demo sends to scaffold
+    code, out, err = run(capsys, "demo", "--model", f"{local}/transformer")
+    assert (code, out) == (2, "") and err.endswith(
+        f"error: --model '{local}/transformer' is a transformer folder (config.json, no model_index.json); `magsdk "
+        "demo` generates images with a whole diffusers pipeline, so it needs a pipeline folder (with "
+        f"model_index.json). To calibrate this transformer alone, use `magsdk scaffold --model {local}/transformer`")
+
+
+# 11 ---------------------------------------------------------------------------------------------------
+COMMANDS = ("inspect", "scaffold", "calibrate", "plan", "list", "export", "demo")
+
+
+def _synopses() -> dict[str, str]:
+    """Each command's synopsis in docs/cli.md (the code block under its heading)."""
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    found: dict[str, str] = {}
+    for block in re.findall(r"```\n(magsdk .*?)```", text, flags=re.S):
+        command = block.split()[1]
+        if command in COMMANDS and (command not in found or block.startswith(f"magsdk {command} --from-cache")):
+            found[command] = found.get(command, "") + " " + " ".join(block.split())  # the synopsis, not an example
+    return found
+
+
+def test_help_reads_like_docs_cli_md(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command is listed; values are named as docs/cli.md names them (--out DIR, not <path>), flags get no
+    label, and arguments are TARGET / STRATEGY_FILE, not typer's {target}."""
+    monkeypatch.setenv("COLUMNS", "300")  # one row per option
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "MagCache for any diffusion transformer: inspect, scaffold, calibrate, plan, list, export, demo." in out
+    listed = [line.split()[1] for line in out.splitlines() if len(line.split()) > 1 and line.split()[1] in COMMANDS]
+    assert listed == list(COMMANDS)
+    synopses = _synopses()
+    assert sorted(synopses) == sorted(COMMANDS)
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0, command
+        out = capsys.readouterr().out
+        assert not re.search(r"<(bool|str|int|float|path|list)", out) and "{" not in out, (command, out)
+        words = synopses[command].replace("[", " ").replace("]", " ").replace("(", " ").replace(")", " ").split()
+        pairs = [(flag, value) for flag, value in itertools.pairwise(words)
+                 if flag.startswith("-") and not value.startswith("-") and value not in ("|", "...")]
+        for flag, value in pairs:
+            row = rf"(?<!\S){re.escape(flag)}(?!\S).*(?<!\S){re.escape(value)}(?!\S)"
+            assert any(re.search(row, line) for line in out.splitlines()), (command, flag, value)
+    assert main(["inspect", "--help"]) == 0
+    assert "Usage: magsdk inspect [OPTIONS] TARGET" in capsys.readouterr().out
+    assert main(["calibrate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage: magsdk calibrate [OPTIONS] STRATEGY_FILE" in out
+    # the --call-arg example is the one docs/cli.md gives (a JSON empty string)
+    assert "--call-arg negative_prompt='\"\"'" in " ".join(out.split())
+    assert "--call-arg negative_prompt='\"\"'" in (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    assert run(capsys, "inspect") == (2, "", "Usage: magsdk inspect [OPTIONS] TARGET Try 'magsdk inspect --help' "
+                                             "for help. Error: Missing argument 'TARGET'.")
+
+
+# 12 ---------------------------------------------------------------------------------------------------
+def test_plot_png_gets_the_usual_file_mode(workdir: Path, capsys) -> None:
+    """mkstemp makes a private (0600) file; the PNG gets 0666 & ~umask, like the module and the JSON files."""
+    old = os.umask(0o027)
+    try:
+        code, _, err = run(capsys, "scaffold", "--model", "toy_model.py:ToyTransformer", "--inputs",
+                             "cli_errors_inputs.py:kw_only", "--steps", "3", "--out", "out", "--no-test",
+                             "--plot", "curve.png")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE((workdir / "curve.png").stat().st_mode) == 0o640
+    assert stat.S_IMODE((workdir / "out" / "toy.py").stat().st_mode) == 0o640

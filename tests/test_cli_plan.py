@@ -106,3 +106,46 @@ def test_output_to_a_file_is_not_truncated(capsys):
     rows = [line for line in out.splitlines() if "default" in line]
     assert len(rows) == 1 and len(rows[0].split("│")[5].strip()) == 150
     assert "MagCache plan: FluxStrategy flux.1-dev, 150 steps, threshold=0.24, K=5, retention=0.1" in out
+
+
+def test_out_of_range_warning_gives_the_timesteps_and_the_calibrated_range(capsys):
+    """docs/user-guide.md promises "one warning with the numbers": the run's timesteps beyond the calibrated ones
+    and the calibrated range, the same numbers as the plan's own ``out_of_range`` and the calibration's schedule."""
+    from magsdk.variants import resolve_name
+
+    assert main(["plan", "--strategy", "flux", "--steps", "50"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert lines == [
+        "warning: 1 of this run's 50 timesteps (60.5503) lies outside the calibrated range 104.721..1000 of the "
+        "28-step calibration; the curve is held flat (ratio 1) there. A calibration at 50 steps covers them"
+    ]
+    outside = plan_json(capsys, "--strategy", "flux", "--steps", "50")["default"]["out_of_range"]
+    cls, variant = resolve_name("flux")
+    (entry,) = [e for e in cls.for_target(None, variant).calibration_entries() if e.num_steps == 28]
+    assert entry.schedule is not None
+    calibrated = entry.schedule.timesteps
+    assert [f"{t:g}" for t in outside] == ["60.5503"]
+    assert f"{min(calibrated):g}..{max(calibrated):g}" == "104.721..1000"
+    # on the calibration's own schedule there is nothing to warn about
+    assert main(["plan", "--strategy", "flux", "--steps", "28"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_ratios_value_shaped_like_a_path_is_a_file_that_was_not_found(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in ("nofile.json", "curves/nofile"):
+        assert main(["plan", "--ratios", value]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert err == (
+            f"error: --ratios {value}: no such file ({(tmp_path / value).resolve()} does not exist); give the path "
+            "of a JSON file (a list, a dict branch -> list, or a saved calibration) or a comma-separated list such "
+            "as 1.0,0.98,0.95"
+        ), value
+    assert main(["plan", "--ratios", "1,0.9,x"]) == 2
+    assert " ".join(capsys.readouterr().err.split()) == (
+        "error: --ratios '1,0.9,x' is neither a file nor a comma-separated list of numbers; give the path of a JSON "
+        "file or numbers such as 1.0,0.98,0.95"
+    )
+    # the example the errors give works
+    assert main(["plan", "--ratios", "1.0,0.98,0.95"]) == 0
+    capsys.readouterr()

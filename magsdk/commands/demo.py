@@ -9,29 +9,38 @@ import typer
 from rich.table import Table
 
 from magsdk.calibration.drivers import read_prompts
-from magsdk.commands import make_console, quiet_library_progress
+from magsdk.commands import invocation, make_console, quiet_library_progress
+from magsdk.workflow.checks import check_demo_model
 from magsdk.workflow.demo import DemoOptions, DemoResult, run_demo
 
 
 def demo_command(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="A diffusers pipeline folder "
-                                              "(default: the bundled, trained digits FluxPipeline).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the strategy module, grid PNG and JSON.")] = Path(
-        "magsdk-demo"),
-    steps: Annotated[int | None, typer.Option("--steps", "-n", help="Inference steps (default: the model's).")] = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt for the comparison.")] = 1,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one prompt a line.")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Override the strategy's threshold.")] = None,
-    max_skip_steps: Annotated[int | None, typer.Option("--max-skip-steps", "-k", help="Override K.")] = None,
-    retention_ratio: Annotated[float | None, typer.Option("--retention-ratio", help="Override retention.")] = None,
-    rounds: Annotated[int, typer.Option("--rounds", help="Timed rounds, each one uncached and one cached "
-                                        "generation (alternating order); medians are reported.")] = 5,
-    device: Annotated[str | None, typer.Option("--device", help="e.g. cuda, cpu (default: cuda when "
-                                               "available).")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16 (default: as "
-                                              "saved).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", metavar="PIPELINE_FOLDER",
+        help="A diffusers pipeline folder (default: the bundled, trained digits FluxPipeline).")] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", metavar="DIR", help="Folder for the strategy module, grid PNG and JSON.")] = Path("magsdk-demo"),
+    steps: Annotated[int | None, typer.Option(
+        "--steps", "-n", metavar="N", help="Inference steps (default: the model's).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", metavar="K", help="Seeds per prompt for the comparison.")] = 1,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", metavar="FILE", help="File with one prompt a line.")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", metavar="T", help="Override the strategy's threshold.")] = None,
+    max_skip_steps: Annotated[int | None, typer.Option(
+        "--max-skip-steps", "-k", metavar="K", help="Override K.")] = None,
+    retention_ratio: Annotated[float | None, typer.Option(
+        "--retention-ratio", metavar="R", help="Override retention.")] = None,
+    rounds: Annotated[int, typer.Option(
+        "--rounds", metavar="R", help="Timed rounds, each one uncached and one cached generation (alternating "
+        "order); medians are reported.")] = 5,
+    device: Annotated[str | None, typer.Option(
+        "--device", metavar="DEVICE", help="e.g. cuda, cpu (default: cuda when available).")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="DTYPE", help="float32, float16 or bfloat16 (default: as saved).")] = None,
 ) -> None:
     """Run the whole magsdk path on a model and print what the cache bought and what it cost."""
+    check_demo_model(model, invocation())  # a missing folder or a Hub id, named as given, before anything loads
     console = make_console()
     quiet_library_progress()
     options = DemoOptions(

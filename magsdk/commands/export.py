@@ -37,12 +37,23 @@ def _missing_from_diffusers(strategy: str) -> list[str]:
 
 
 def export_command(
-    strategy: str = typer.Option(..., "--strategy", "-s", help="Strategy module, transformer class or variant."),
-    to: str = typer.Option("diffusers", "--to", help="diffusers (MagCacheConfig) or cache-dit (DBCacheConfig)."),
-    steps: int = typer.Option(28, "--steps", "-n", help="Number of inference steps of the run."),
-    threshold: float | None = typer.Option(None, help="Accumulated-error threshold (default: the strategy's)."),
-    max_skip_steps: int | None = typer.Option(None, "--max-skip-steps", "-k", help="K: max consecutive skips."),
-    retention_ratio: float | None = typer.Option(None, "--retention-ratio", help="Fraction of first steps kept."),
+    strategy: str = typer.Option(
+        ..., "--strategy", "-s", metavar="NAME", help="Strategy module, transformer class or variant."
+    ),
+    to: str = typer.Option(
+        "diffusers", "--to", metavar="diffusers|cache-dit",
+        help="diffusers (MagCacheConfig) or cache-dit (DBCacheConfig)."
+    ),
+    steps: int = typer.Option(28, "--steps", "-n", metavar="N", help="Number of inference steps of the run."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", metavar="T", help="Accumulated-error threshold (default: the strategy's)."
+    ),
+    max_skip_steps: int | None = typer.Option(
+        None, "--max-skip-steps", "-k", metavar="K", help="K: max consecutive skips."
+    ),
+    retention_ratio: float | None = typer.Option(
+        None, "--retention-ratio", metavar="R", help="Fraction of first steps kept."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the settings as JSON instead of Python."),
 ) -> None:
     """Print diffusers' MagCacheConfig or cache-dit's DBCacheConfig that skips exactly magsdk's steps."""

@@ -11,6 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from magsdk.commands import invocation
 from magsdk.config import InspectionReport
 from magsdk.conventions import metadata_text
 from magsdk.errors import UsageError
@@ -81,21 +82,31 @@ def print_report(report: InspectionReport) -> None:
 def inspect_command(
     target: str = typer.Argument(
         ...,
+        metavar="TARGET",
         help="Diffusers class name, pkg.module:Class, path/file.py:Class, a model or pipeline folder, or a Hub id.",
     ),
     config: str | None = typer.Option(
-        None, "--config", help="JSON object (or JSON file) of constructor arguments; overrides the folder's config."
+        None, "--config", metavar="JSON",
+        help="JSON object (or JSON file) of constructor arguments; overrides the folder's config."
     ),
     inputs: str | None = typer.Option(
-        None, "--inputs", help="FILE.py:FUNC returning (args, kwargs) for forward; FUNC may take the built model."
+        None, "--inputs", metavar="FILE.py:FUNC",
+        help="FILE.py:FUNC returning (args, kwargs) for forward; FUNC may take the built model."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the InspectionReport as JSON."),
-    out: str | None = typer.Option(None, "--out", help="Write the InspectionReport JSON to this file."),
+    out: str | None = typer.Option(None, "--out", metavar="FILE", help="Write the InspectionReport JSON to this file."),
 ) -> None:
     """Infer the block conventions of a transformer by tracing one forward of a small build of it."""
     from magsdk.inspect import inspect_target
+    from magsdk.inspect.inputs import InputSynthesisError
 
-    report = inspect_target(target, config=_parse_config(config), inputs=inputs)
+    try:
+        report = inspect_target(target, config=_parse_config(config), inputs=inputs)
+    except InputSynthesisError as exc:
+        again = invocation()  # the whole command as typed (--config and all), not only its TARGET
+        if again is None:
+            raise
+        raise exc.for_command(again) from None
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
     else:

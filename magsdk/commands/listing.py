@@ -117,8 +117,7 @@ def _calibration_cells(cal: CalibrationRow) -> tuple[str, str, str]:
 def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print strategies, variants and calibrations as JSON."),
 ) -> None:
-    """List the strategies, their variants and calibrations (steps, branches, source), and how each
-    variant is recognised."""
+    """List the strategies, their variants, calibrations (steps, branches, source) and how variants are recognised."""
     rows = strategy_rows()
     if as_json:
         typer.echo(json.dumps([r.model_dump() for r in rows], indent=2))

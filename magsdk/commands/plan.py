@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from magsdk.commands import make_console
 from magsdk.config import CalibrationResult, MagCacheConfig
-from magsdk.curves import CurveSource
+from magsdk.curves import CurveSource, CurveTable
 from magsdk.errors import UsageError
 from magsdk.ratios import plan_source
 from magsdk.schedules import timesteps_for
@@ -49,10 +50,19 @@ def _load_curves(
             except ValidationError:
                 data = {k: v["norm_ratios"] if isinstance(v, dict) else v for k, v in data["branches"].items()}
         return _validated(data), str(path)
+    if path.suffix.lower() == ".json" or "/" in ratios or os.sep in ratios:
+        raise UsageError(
+            f"--ratios {ratios}: no such file ({path.expanduser().resolve()} does not exist); give the path of a "
+            "JSON file (a list, a dict branch -> list, or a saved calibration) or a comma-separated list such as "
+            "1.0,0.98,0.95"
+        )
     try:
         values = [float(v) for v in ratios.split(",") if v.strip()]
     except ValueError as exc:
-        raise UsageError(f"--ratios {ratios!r} is neither a file nor a comma-separated list of numbers") from exc
+        raise UsageError(
+            f"--ratios {ratios!r} is neither a file nor a comma-separated list of numbers; give the path of a JSON "
+            "file or numbers such as 1.0,0.98,0.95"
+        ) from exc
     return _validated(values), "command line"
 
 
@@ -67,23 +77,37 @@ def _validated(data: object) -> dict[str, list[float]]:
 
 def plan_command(
     strategy: str | None = typer.Option(
-        None, "--strategy", "-s",
+        None, "--strategy", "-s", metavar="STRATEGY",
         help="Variant name (e.g. wan2.1-t2v-14b), strategy module name, transformer class, dotted module or "
         "path/to/module.py (also found in ./strategies/ and $MAGSDK_STRATEGY_PATH).",
     ),
-    ratios: str | None = typer.Option(None, "--ratios", help="JSON file (list, dict or calibration) or a,b,c."),
-    steps: int = typer.Option(28, "--steps", "-n", help="Number of inference steps of the run."),
-    threshold: float | None = typer.Option(None, help="Accumulated-error threshold (default: strategy's)."),
-    max_skip_steps: int | None = typer.Option(None, "--max-skip-steps", "-k", help="K: max consecutive skips."),
-    retention_ratio: float | None = typer.Option(None, "--retention-ratio", help="Fraction of first steps kept."),
-    compute_steps: int | None = typer.Option(
-        None, "--compute-steps", help="Budget mode: compute exactly this many steps (the threshold is unused).",
+    ratios: str | None = typer.Option(
+        None, "--ratios", metavar="FILE|a,b,c", help="JSON file (list, dict or calibration) or a,b,c."
     ),
-    speedup: float | None = typer.Option(None, "--speedup", help="Budget mode: compute steps / SPEEDUP of the steps."),
-    reuse: str | None = typer.Option(None, "--reuse", help="What a skip reuses: auto, residual, scaled, forecast."),
+    steps: int = typer.Option(28, "--steps", "-n", metavar="N", help="Number of inference steps of the run."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", metavar="T", help="Accumulated-error threshold (default: strategy's)."
+    ),
+    max_skip_steps: int | None = typer.Option(
+        None, "--max-skip-steps", "-k", metavar="K", help="K: max consecutive skips."
+    ),
+    retention_ratio: float | None = typer.Option(
+        None, "--retention-ratio", metavar="R", help="Fraction of first steps kept."
+    ),
+    compute_steps: int | None = typer.Option(
+        None, "--compute-steps", metavar="B",
+        help="Budget mode: compute exactly this many steps (the threshold is unused).",
+    ),
+    speedup: float | None = typer.Option(
+        None, "--speedup", metavar="S", help="Budget mode: compute steps / SPEEDUP of the steps."
+    ),
+    reuse: str | None = typer.Option(
+        None, "--reuse", metavar="MODE", help="What a skip reuses: auto, residual, scaled, forecast."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the SkipPlan(s) as JSON."),
     resample: str = typer.Option(
-        "auto", "--resample", help="Curve mapping: auto (through recorded timesteps when present), timesteps, index.",
+        "auto", "--resample", metavar="auto|timesteps|index",
+        help="Curve mapping: auto (through recorded timesteps when present), timesteps, index.",
     ),
 ) -> None:
     """Print the skip schedule and the ideal speedup for a curve, before anything runs."""
@@ -151,8 +175,17 @@ def plan_command(
         console.print("branches share one schedule (the mean of their curves), as the runtime runs them",
                       highlight=False)
     if first.out_of_range:
-        console.print(f"warning: {len(first.out_of_range)} timesteps lie outside the calibrated range; the curve is "
-                      "held flat there", highlight=False)
+        console.print(f"warning: {_out_of_range(first.out_of_range, steps, table)}", highlight=False, soft_wrap=True)
+
+
+def _out_of_range(outside: list[float], steps: int, table: CurveTable) -> str:
+    """The run's timesteps beyond the calibrated ones, with both ranges (as the runtime's warning gives them)."""
+    shown = ", ".join(f"{t:g}" for t in outside[:8]) + (", ..." if len(outside) > 8 else "")
+    count = f"{len(outside)} of this run's {steps} timesteps ({shown}) " + ("lies" if len(outside) == 1 else "lie")
+    calibrated = table.schedule.timesteps if table.schedule is not None else table.timesteps
+    where = f"the calibrated range {min(calibrated):g}..{max(calibrated):g}" if calibrated else "the calibrated range"
+    return (f"{count} outside {where} of the {table.num_steps}-step calibration; the curve is held flat (ratio 1) "
+            f"there. A calibration at {steps} steps covers them")
 
 
 def register(app: typer.Typer) -> None:

@@ -29,6 +29,8 @@ MODEL_HELP = (
     "A diffusers pipeline folder (model_index.json) or hub id, a transformer folder, a class name, or file.py:Class."
 )
 DEFAULT_OUT = Path("strategies")
+OUT_HELP = "Folder for <name>.py and tests/test_<name>.py."
+PLOT_HELP = "Write a PNG of the curves and spread."
 DRIVER_HELP = "FILE.py:FUNC that runs one generation: FUNC(transformer, steps, seed)."
 INPUTS_HELP = (
     "FILE.py:FUNC returning (args, kwargs) for the transformer's forward (FUNC may take the model), as for "
@@ -42,7 +44,7 @@ DEVICE_HELP = "Device to calibrate on, e.g. cuda, cuda:1, cpu (default: cuda whe
 DTYPE_HELP = "Weights dtype: float32, float16 or bfloat16 (default: as saved, usually float32)."
 CALL_ARG_HELP = (
     "KEY=VALUE passed to every pipeline call during calibration (repeatable; VALUE is JSON when it parses), "
-    "e.g. --call-arg true_cfg_scale=4 --call-arg negative_prompt='' to calibrate both CFG branches."
+    'e.g. --call-arg true_cfg_scale=4 --call-arg negative_prompt=\'""\' to calibrate both CFG branches.'
 )
 
 
@@ -65,28 +67,30 @@ def _call_kwargs(items: list[str] | None) -> dict[str, Any]:
 
 
 def scaffold_command(
-    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: str | None = typer.Option(None, "--model", "-m", metavar="TARGET", help=MODEL_HELP),
     name: str | None = typer.Option(
-        None, "--name", help="Module name (default: from the model folder or hub id, else the transformer class)."
+        None, "--name", metavar="NAME",
+        help="Module name (default: from the model folder or hub id, else the transformer class)."
     ),
-    steps: int | None = typer.Option(None, "--steps", "-n", help=STEPS_HELP),
-    prompts: Annotated[Path | None, typer.Option("--prompts", help=PROMPTS_HELP)] = None,
-    seeds: int | None = typer.Option(None, "--seeds", help=SEEDS_HELP),
-    out: Annotated[Path, typer.Option("--out", help="Folder for <name>.py and tests/test_<name>.py.")] = DEFAULT_OUT,
-    driver: str | None = typer.Option(None, "--driver", help=DRIVER_HELP),
-    inputs: str | None = typer.Option(None, "--inputs", help=INPUTS_HELP),
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the curves and spread.")] = None,
-    height: int | None = typer.Option(None, "--height", help=SIDE_HELP.format(side="height")),
-    width: int | None = typer.Option(None, "--width", help=SIDE_HELP.format(side="width")),
-    device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
-    dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    steps: int | None = typer.Option(None, "--steps", "-n", metavar="N", help=STEPS_HELP),
+    prompts: Annotated[Path | None, typer.Option("--prompts", metavar="FILE", help=PROMPTS_HELP)] = None,
+    seeds: int | None = typer.Option(None, "--seeds", metavar="K", help=SEEDS_HELP),
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help=OUT_HELP)] = DEFAULT_OUT,
+    driver: str | None = typer.Option(None, "--driver", metavar="FILE.py:FUNC", help=DRIVER_HELP),
+    inputs: str | None = typer.Option(None, "--inputs", metavar="FILE.py:FUNC", help=INPUTS_HELP),
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="PNG", help=PLOT_HELP)] = None,
+    height: int | None = typer.Option(None, "--height", metavar="H", help=SIDE_HELP.format(side="height")),
+    width: int | None = typer.Option(None, "--width", metavar="W", help=SIDE_HELP.format(side="width")),
+    device: str | None = typer.Option(None, "--device", metavar="DEVICE", help=DEVICE_HELP),
+    dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", help=DTYPE_HELP),
     no_test: bool = typer.Option(False, "--no-test", help="Do not write tests/test_<name>.py."),
     force: bool = typer.Option(
         False, "--force", help="Replace an existing module even if it was edited (its calibrations are kept)."
     ),
-    call_arg: Annotated[list[str] | None, typer.Option("--call-arg", help=CALL_ARG_HELP)] = None,
+    call_arg: Annotated[list[str] | None, typer.Option("--call-arg", metavar="KEY=VALUE", help=CALL_ARG_HELP)] = None,
     from_cache: str | None = typer.Option(
-        None, "--from-cache", help="Use a curve that enable(auto_calibrate=True) cached (its id, a unique start of "
+        None, "--from-cache", metavar="ID",
+        help="Use a curve that enable(auto_calibrate=True) cached (its id, a unique start of "
         "it, or the cache file) instead of calibrating; --model is then optional.",
     ),
 ) -> None:
@@ -110,19 +114,20 @@ def scaffold_command(
 
 
 def calibrate_command(
-    strategy_file: Annotated[Path, typer.Argument(help="A strategy module (made by scaffold or by hand).")],
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    steps: int | None = typer.Option(None, "--steps", "-n", help=STEPS_HELP),
-    prompts: Annotated[Path | None, typer.Option("--prompts", help=PROMPTS_HELP)] = None,
-    seeds: int | None = typer.Option(None, "--seeds", help=SEEDS_HELP),
-    driver: str | None = typer.Option(None, "--driver", help=DRIVER_HELP),
-    inputs: str | None = typer.Option(None, "--inputs", help=INPUTS_HELP),
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the curves and spread.")] = None,
-    height: int | None = typer.Option(None, "--height", help=SIDE_HELP.format(side="height")),
-    width: int | None = typer.Option(None, "--width", help=SIDE_HELP.format(side="width")),
-    device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
-    dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    call_arg: Annotated[list[str] | None, typer.Option("--call-arg", help=CALL_ARG_HELP)] = None,
+    strategy_file: Annotated[Path, typer.Argument(
+        metavar="STRATEGY_FILE", help="A strategy module (made by scaffold or by hand).")],
+    model: str = typer.Option(..., "--model", "-m", metavar="TARGET", help=MODEL_HELP),
+    steps: int | None = typer.Option(None, "--steps", "-n", metavar="N", help=STEPS_HELP),
+    prompts: Annotated[Path | None, typer.Option("--prompts", metavar="FILE", help=PROMPTS_HELP)] = None,
+    seeds: int | None = typer.Option(None, "--seeds", metavar="K", help=SEEDS_HELP),
+    driver: str | None = typer.Option(None, "--driver", metavar="FILE.py:FUNC", help=DRIVER_HELP),
+    inputs: str | None = typer.Option(None, "--inputs", metavar="FILE.py:FUNC", help=INPUTS_HELP),
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="PNG", help=PLOT_HELP)] = None,
+    height: int | None = typer.Option(None, "--height", metavar="H", help=SIDE_HELP.format(side="height")),
+    width: int | None = typer.Option(None, "--width", metavar="W", help=SIDE_HELP.format(side="width")),
+    device: str | None = typer.Option(None, "--device", metavar="DEVICE", help=DEVICE_HELP),
+    dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", help=DTYPE_HELP),
+    call_arg: Annotated[list[str] | None, typer.Option("--call-arg", metavar="KEY=VALUE", help=CALL_ARG_HELP)] = None,
 ) -> None:
     """Add or refresh the calibration for the run's step count in a strategy file; nothing else in it changes.
 

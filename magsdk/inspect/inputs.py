@@ -49,14 +49,23 @@ _CHANNEL_KEYS = ("in_channels", "in_visual_dim", "in_dim", "input_channels", "la
 
 
 class InputSynthesisError(UsageError):
-    """No example value could be made for a forward parameter; the user must pass ``--inputs``."""
+    """No example value could be made for a forward parameter; the user must pass ``--inputs``.
 
-    def __init__(self, parameter: str, model: str, reason: str, required: tuple[str, ...] = ()) -> None:
+    ``command`` is the command line to repeat with ``--inputs`` added (``magsdk inspect TARGET`` as the
+    user typed TARGET); :meth:`for_command` sets it where the command is known.
+    """
+
+    def __init__(
+        self, parameter: str, model: str, reason: str, required: tuple[str, ...] = (), command: str | None = None
+    ) -> None:
         self.parameter = parameter
         self.model = model
         self.reason = reason
+        self.required = required
+        self.command = command
         names = list(dict.fromkeys([*required, parameter]))
         body = "".join(f"            {name!r}: ...,  # a tensor for {model}.forward({name}=...)\n" for name in names)
+        again = command or f"magsdk inspect {model}"
         super().__init__(
             f"cannot synthesize the {parameter!r} argument of {model}.forward: {reason}. "
             "Write a function that returns example inputs and pass it with --inputs FILE.py:FUNC, e.g.\n\n"
@@ -68,8 +77,13 @@ class InputSynthesisError(UsageError):
             f"{body}"
             "        }\n"
             "        return args, kwargs\n\n"
-            f"    magsdk inspect {model} --inputs my_inputs.py:make_inputs"
+            "then run the command again with the option added:\n\n"
+            f"    {again} --inputs my_inputs.py:make_inputs"
         )
+
+    def for_command(self, command: str) -> InputSynthesisError:
+        """The same error, its hint repeating ``command`` (the command line as the user typed it)."""
+        return InputSynthesisError(self.parameter, self.model, self.reason, self.required, command)
 
 
 # -- context ----------------------------------------------------------------------------------------

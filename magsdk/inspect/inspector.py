@@ -8,6 +8,7 @@ example inputs (``inputs.py``, or the user's ``--inputs`` function), then does w
 from __future__ import annotations
 
 import inspect
+import shlex
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -289,9 +290,15 @@ def inspect_target(
         args, kwargs = load_inputs_function(inputs, model)
         label = "user"
     else:
-        from magsdk.inspect.inputs import synthesize_inputs
+        from magsdk.inspect.inputs import InputSynthesisError, synthesize_inputs
 
-        args, kwargs = synthesize_inputs(model)
+        try:
+            args, kwargs = synthesize_inputs(model)
+        except InputSynthesisError as exc:
+            if not isinstance(target, str) or exc.command is not None:
+                raise
+            # the hint repeats TARGET as it was given (a file.py:Class target is not a diffusers class name)
+            raise exc.for_command(shlex.join(["magsdk", "inspect", target])) from None
         label = "synthesized"
     report = inspect_module(model, args, kwargs, inputs=label)
     return report.model_copy(

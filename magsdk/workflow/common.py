@@ -34,7 +34,16 @@ from magsdk.config import CalibrationEntry, CalibrationResult, InspectionReport
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.registry import bundled_module_names
 from magsdk.strategy import MagCacheStrategy
-from magsdk.workflow.checks import check_steps
+from magsdk.workflow.checks import (
+    check_steps,
+    command_name,
+    download_command,
+    download_note,
+    local_folder_name,
+    looks_like_hub_id,
+    missing_path_error,
+    with_model,
+)
 
 Log = Callable[[str], None]
 
@@ -116,7 +125,9 @@ def check_options(options: CalibrationOptions) -> None:
     if options.plot is not None and options.plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {options.plot}: give a .png file name")
     if options.model is not None:
-        check_model(options.model)
+        # scaffold --from-cache only inspects the model: its config is enough
+        weights = getattr(options, "from_cache", None) is None
+        check_model(options.model, weights=weights, invocation=options.invocation)
 
 
 def check_inputs_spec(spec: str) -> None:
@@ -127,16 +138,60 @@ def check_inputs_spec(spec: str) -> None:
         raise UsageError(f"--inputs {spec!r}: file {where} does not exist")
 
 
-def check_model(model: str) -> None:
-    if is_pipeline_target(model):
-        check_pipeline_folder(model)
-    elif not Path(model).exists() and ("/" in model or os.sep in model):
-        head = model.split(":")[0]
-        if not Path(head).exists():
-            raise UsageError(
-                f"--model {model!r}: no such file or folder; give a diffusers pipeline folder "
-                "(model_index.json), a transformer folder (config.json), a class name or file.py:Class"
-            )
+def check_model(model: str, *, weights: bool = True, invocation: str | None = None) -> None:
+    """``--model`` problems found without loading anything.
+
+    A local path that does not exist is reported as such before the value is taken for a Hub id
+    (``./nope`` is shaped like ``org/name``); a Hub id that is neither in the local cache nor reachable
+    gets a download hint for this command (``weights``: the command runs the pipeline, so it needs the
+    whole model, not only its config); a pipeline folder must have a transformer.
+    """
+    head = model.rpartition(":")[0] if ".py:" in model else model
+    if Path(head).exists():
+        if is_pipeline_target(model):
+            check_pipeline_folder(model)
+        return
+    if looks_like_hub_id(model):
+        check_hub_model(model, weights=weights, invocation=invocation)
+    elif "/" in head or os.sep in head:
+        raise missing_path_error(model)
+
+
+def check_hub_model(repo_id: str, *, weights: bool, invocation: str | None) -> None:
+    """A Hub id that ``from_pretrained`` cannot get here (not cached, Hub unreachable) is a usage error
+    saying how to bring the model over, and what a config-only folder gives this command."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from magsdk.inspect.targets import _hub_reachable
+
+    needed = ["model_index.json"] if weights else ["transformer/config.json", "config.json"]
+    try:
+        cached = any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in needed)
+    except ValueError:  # huggingface_hub's HFValidationError: not a repo id after all ("a--b/c"), so a missing path
+        raise missing_path_error(repo_id) from None
+    if cached or _hub_reachable():
+        return
+    command = command_name(invocation) or "scaffold"
+    local = local_folder_name(repo_id)
+    start = (
+        f"--model {repo_id!r} looks like a Hugging Face Hub id (there is no local folder {Path(repo_id).resolve()}), "
+        f"but {'the pipeline' if weights else 'its config'} is not in the local Hugging Face cache and the Hub "
+        "cannot be reached (offline?). "
+    )
+    config_only = with_model(invocation, f"{local}/transformer", f"magsdk {command}")
+    if not weights:
+        raise UsageError(
+            start + f"`--from-cache` takes the curve from the cache and only inspects the model, so its config is "
+            f"enough: on a machine with network run `{download_command(repo_id, 'transformer/config.json')}`, "
+            f"bring the folder here and run `{config_only}`"
+        )
+    raise UsageError(
+        start + f"`magsdk {command}` calibrates on the pipeline's own generations, so it needs the whole pipeline "
+        f"with its weights: {download_note(repo_id)}, bring the folder here and run "
+        f"`{with_model(invocation, local, f'magsdk {command}')}`. A folder with only the transformer's config "
+        f"(`{download_command(repo_id, 'transformer/config.json')}`, then `{config_only}`) gives a synthetic "
+        "calibration: random weights on synthesized inputs, a curve of the architecture, not of the trained model"
+    )
 
 
 # -- inspection -------------------------------------------------------------------------------------
