@@ -149,6 +149,8 @@ class MappedCurve:
     out_of_range: tuple[float, ...] = ()
     #: True when the curve was mapped through timesteps (online, retention then follows the noise level too).
     by_timesteps: bool = False
+    #: The calibrated timesteps' range (lowest, highest) where the curve was mapped through them.
+    calibrated_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -289,12 +291,13 @@ class CurveSource:
                 # steps per branch on a shift-3 schedule than a native calibration and broke the ±1 step goal
                 retained = retention_steps(self.retention_ratio, len(run.timesteps))
                 return MappedCurve(
-                    values, how, retained, None, retention_index, tuple(tmap.outside(run.timesteps)), True
+                    values, how, retained, None, retention_index, tuple(tmap.outside(run.timesteps)), True,
+                    (tmap.low, tmap.high),
                 )
             if table.timesteps is not None and len(table.timesteps) == len(raw):
                 tmap = TimestepMap(raw, table.timesteps)
                 how = f"{source} mapped online through the transformer's timestep argument, call by call"
-                return MappedCurve(None, how, None, tmap, retention_index, (), True)
+                return MappedCurve(None, how, None, tmap, retention_index, (), True, (tmap.low, tmap.high))
             if self.resample == "timesteps":
                 raise UsageError(
                     f"resample='timesteps' but the {source} has no recorded timesteps"

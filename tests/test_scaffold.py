@@ -653,3 +653,16 @@ def test_dtype_is_applied_and_recorded(
     assert main(args) == 0
     (entry,) = read_calibrations((out / "digits_pipeline.py").read_text())
     assert entry["settings"]["dtype"] == "bfloat16" and entry["settings"]["device"] == "cpu"
+
+
+def test_loading_a_transformer_casts_only_when_the_dtype_changes(caplog) -> None:
+    """diffusers logs "modules ... should be kept in float32: []" for every ``.to(dtype=...)``, even a no-op one,
+    so ``magsdk scaffold --model FluxTransformer2DModel`` printed it on every float32 run."""
+    import logging
+
+    from magsdk.calibration.drivers import load_model
+
+    with caplog.at_level(logging.INFO):
+        same = load_model("FluxTransformer2DModel", device="cpu", dtype="float32")
+    assert same.dtype == "float32" and not [r for r in caplog.records if "kept in float32" in r.getMessage()]
+    assert load_model("FluxTransformer2DModel", device="cpu", dtype="bfloat16").dtype == "bfloat16"

@@ -156,6 +156,8 @@ def test_a_run_outside_the_calibrated_range_warns_once_with_the_numbers(pipe, ca
         generate(pipe, 40)
     warnings = [r.getMessage() for r in caplog.records if "outside the calibrated schedule's range" in r.getMessage()]
     assert len(warnings) == 1 and "of this run's timesteps" in warnings[0]
+    low, high = min(calibration.schedule.timesteps), max(calibration.schedule.timesteps)
+    assert f"Calibrated range: {low:g}..{high:g}." in warnings[0]  # the numbers, also when mapped by the scheduler
     plan = magsdk.plan(calibration, config, 40, "cond", timesteps=timesteps_for(calibration.schedule, 40))
     assert plan.out_of_range and min(plan.out_of_range) < min(calibration.schedule.timesteps)
 

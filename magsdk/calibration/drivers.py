@@ -206,7 +206,11 @@ def load_model(target: str, *, device: str | None = None, dtype: str | None = No
     from magsdk.calibration.synthetic import load_transformer
 
     transformer, weights = load_transformer(target)
-    transformer.to(device=device or default_device(), dtype=_torch_dtype(dtype))
+    transformer.to(device or default_device())
+    wanted = _torch_dtype(dtype)
+    current = next(transformer.parameters(), None)
+    if wanted is not None and current is not None and current.dtype != wanted:
+        transformer.to(dtype=wanted)  # only when it changes: diffusers logs on every dtype= it is given
     return LoadedModel(target=target, transformer=transformer, weights=weights)
 
 

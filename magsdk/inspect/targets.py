@@ -250,8 +250,9 @@ def _from_hub(repo_id: str) -> ResolvedTarget:
         if not local_only and not _hub_reachable():
             raise UsageError(
                 f"{repo_id!r} looks like a Hugging Face Hub id, but its config is not in the local cache and the Hub "
-                "cannot be reached (offline?). Download the model folder (its transformer/config.json is enough) "
-                "and pass the folder: `magsdk inspect path/to/folder`, or pass the class name with its config: "
+                "cannot be reached (offline?). Download the model folder and pass it: `magsdk inspect path/to/folder` "
+                "(a folder holding only the transformer's config.json is enough, passed as itself: "
+                "`magsdk inspect path/to/folder/transformer`), or pass the class name with its config: "
                 "`magsdk inspect FluxTransformer2DModel --config '{...}'`."
             ) from last_error
         for subfolder in ("transformer", None):

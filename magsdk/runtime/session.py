@@ -339,7 +339,7 @@ class CacheSession:
         run = RunSchedule.of(position.num_steps, stamps)
         mapped = self.curves.curve_for(position.branch, position.branch_position, run, self.name)
         if mapped.out_of_range:
-            lo, hi = (min(mapped.online.timesteps), max(mapped.online.timesteps)) if mapped.online else (None, None)
+            lo, hi = mapped.calibrated_range or (None, None)
             self._warnings.once(
                 "range",
                 "magsdk: %d of this run's timesteps (%s) lie outside the calibrated schedule's range; the curve is "
