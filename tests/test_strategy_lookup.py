@@ -216,3 +216,8 @@ def test_a_folder_strategy_for_flux_keeps_the_bundled_flux_variant_names(
         assert main(["plan", "--strategy", name, "--steps", "28", "--json"]) == 0
         plans[name] = json.loads(capsys.readouterr().out)
     assert plans["flux.1-kontext"] != plans["flux.1-dev"]  # each its own curve and settings
+    assert main(["list", "--json"]) == 0  # both listed: the one enable uses, then the shadowed bundled one
+    rows = [(r["module"], r["strategy_class"], r["shadowed_by"]) for r in json.loads(capsys.readouterr().out)
+            if r["transformer_cls_name"] == "FluxTransformer2DModel"]
+    assert rows == [("strategies/my_flux.py", "MyFluxStrategy", None),
+                    ("strategies.flux", "FluxStrategy", "MyFluxStrategy in strategies/my_flux.py")]

@@ -7,8 +7,10 @@ pipe the console is as wide as the widest row (no wrapping at all).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from pathlib import Path
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from magsdk.config import CalibrationEntry
-from magsdk.registry import StrategyRegistry
+from magsdk.registry import USER_NAMESPACE, StrategyRegistry
 from magsdk.strategy import MagCacheStrategy
 
 #: Console width when stdout is not a terminal: wide enough that no row of the tables wraps.
@@ -60,6 +62,9 @@ class StrategyRow(BaseModel):
     max_skip_steps: int
     retention_ratio: float
     variants: list[VariantRow] = Field(default_factory=list)
+    #: A more specific strategy that ``enable`` uses for this transformer class instead (your own over the
+    #: bundled one); this one's variant names still work where the other does not use them.
+    shadowed_by: str | None = None
 
 
 def _calibration(entry: CalibrationEntry) -> CalibrationRow:
@@ -68,16 +73,33 @@ def _calibration(entry: CalibrationEntry) -> CalibrationRow:
 
 
 def strategy_rows() -> list[StrategyRow]:
-    """Every registered strategy (the modules of ``strategies/`` and the user's), by transformer class."""
+    """Every strategy found (the modules of ``strategies/`` and the user's), by transformer class; one shadowed by
+    a more specific strategy for its class follows the one ``enable`` uses, marked."""
+    winners = StrategyRegistry.all()
     rows = []
-    for name, cls in sorted(StrategyRegistry.all().items()):
+    for name, cls in sorted(winners.items()):
         rows.append(_strategy_row(name, cls))
+        for other in StrategyRegistry.known():
+            if other.transformer_cls_name == name and other is not cls:
+                rows.append(_strategy_row(name, other, shadowed_by=f"{cls.__name__} in {_module_name(cls)}"))
     return rows
 
 
-def _strategy_row(name: str, cls: type[MagCacheStrategy]) -> StrategyRow:
+def _module_name(cls: type[MagCacheStrategy]) -> str:
+    """The module as the user knows it: a strategy file imported from a folder by its path, not its internal name."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    if cls.__module__.startswith(f"{USER_NAMESPACE}.") and path:
+        with contextlib.suppress(ValueError):
+            return str(Path(path).resolve().relative_to(Path.cwd()))
+        return str(path)
+    return cls.__module__
+
+
+def _strategy_row(name: str, cls: type[MagCacheStrategy], shadowed_by: str | None = None) -> StrategyRow:
     return StrategyRow(
-        module=cls.__module__,
+        shadowed_by=shadowed_by,
+        module=_module_name(cls),
         strategy_class=cls.__name__,
         transformer_cls_name=name,
         block_classes=list(cls.block_metadata),
@@ -128,8 +150,8 @@ def list_command(
         overview.add_column(column, overflow="fold")
     for row in rows:
         variants = ", ".join(v.name for v in row.variants) or "-"
-        overview.add_row(row.module, row.strategy_class, row.transformer_cls_name, ", ".join(row.block_classes),
-                         variants)
+        strategy = row.strategy_class + (f" (shadowed by {row.shadowed_by})" if row.shadowed_by else "")
+        overview.add_row(row.module, strategy, row.transformer_cls_name, ", ".join(row.block_classes), variants)
     console.print(overview)
     for row in rows:
         console.print(_detail_table(row))
