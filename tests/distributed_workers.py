@@ -244,30 +244,7 @@ def free_port() -> int:
 
 def run_ranks(world: int, tmp: Path, deadline_s: float, cli_args: list[str]) -> list[dict[str, Any]]:
     """Start ``world`` processes on ``worker`` and wait at most ``deadline_s``; kill whatever is left."""
-    ctx = multiprocessing.get_context("spawn")
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, str(tmp), port, cli_args), daemon=True) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    end = time.monotonic() + deadline_s
-    for proc in procs:
-        proc.join(max(0.0, end - time.monotonic()))
-    hung = [r for r, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    results = []
-    for r in range(world):
-        path = tmp / f"rank{r}.pkl"
-        if r in hung:
-            results.append({"failed": f"rank {r} still running after {deadline_s:.0f} s: killed (a hang)"})
-        elif not path.exists():
-            results.append({"failed": f"rank {r} exited with code {procs[r].exitcode} and wrote nothing"})
-        else:
-            results.append(pickle.loads(path.read_bytes()))
-    return results
+    return run_ranks_of(worker, world, tmp, deadline_s, cli_args)
 
 
 # -- tests/test_doc_promises.py: the plan guard's curves and schedule, the drivers' split and refusal ----------
@@ -422,7 +399,7 @@ def promises_worker(rank: int, world: int, out_dir: str, port: int, calibration:
 
 
 def run_ranks_of(target: Any, world: int, tmp: Path, deadline_s: float, *args: Any) -> list[dict[str, Any]]:
-    """``run_ranks`` for another worker: ``target(rank, world, out_dir, port, *args)`` in ``world`` spawned
+    """Any worker ``target(rank, world, out_dir, port, *args)`` in ``world`` spawned
     processes, each writing ``rankR.pkl``; whatever still runs after ``deadline_s`` is killed (a hang)."""
     ctx = multiprocessing.get_context("spawn")
     tmp.mkdir(parents=True, exist_ok=True)
