@@ -155,7 +155,7 @@ def test_hub_id_offline_fails_fast_and_suggests_a_local_folder(capsys, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli(capsys, "some-org/some-transformer")
     assert code == 2
-    assert "Hub" in err and "local" in err and "magsdk inspect path/to/folder" in err
+    assert "Hub" in err and "local" in err and "magsdk inspect some-transformer/transformer" in err
 
 
 def test_forward_that_raises_with_synthesized_inputs(capsys, toy):
@@ -195,3 +195,29 @@ def test_bad_config_option_is_a_usage_error(capsys):
     assert code == 2 and "--config is not valid JSON" in err
     code, _, err = run_cli(capsys, "FluxTransformer2DModel", "--config", "[1, 2]")
     assert code == 2 and "must be a JSON object" in err
+
+
+def test_a_hub_id_is_read_from_the_local_cache(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inspect.md: an ``org/name`` target is looked up in the local Hugging Face cache first. It never was
+    (``ModelMixin.load_config`` does not exist; the error was taken for "not cached")."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from magsdk.reference import reference_model_path
+
+    snapshot = tmp_path / "hub" / "models--myorg--digits" / "snapshots" / "abc123"
+    (snapshot / "transformer").mkdir(parents=True)
+    shutil.copy(Path(reference_model_path()) / "transformer" / "config.json", snapshot / "transformer")
+    (tmp_path / "hub" / "models--myorg--digits" / "refs").mkdir()
+    (tmp_path / "hub" / "models--myorg--digits" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code, out, err = run_cli(capsys, "myorg/digits", "--json")
+    assert code == 0, err
+    report = InspectionReport.model_validate_json(out)
+    assert report.transformer == "FluxTransformer2DModel" and len(report.block_groups) == 2
+    code, out, err = run_cli(capsys, "myorg/absent")  # not cached, offline: what to download, and the command after
+    assert code == 2 and out == ""
+    assert "hf download myorg/absent transformer/config.json --local-dir absent" in err
+    assert "magsdk inspect absent/transformer" in err

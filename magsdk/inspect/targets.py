@@ -236,24 +236,25 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_hub_config(repo_id: str, subfolder: str | None, local_only: bool) -> dict[str, Any]:
-    from diffusers.models.modeling_utils import ModelMixin
+    # the file itself, as diffusers' from_pretrained finds it (cache first); no diffusers class is needed to read it
+    from huggingface_hub import hf_hub_download
 
-    config = ModelMixin.load_config(repo_id, subfolder=subfolder, local_files_only=local_only)
-    if not isinstance(config, dict):  # load_config returns (config, …) with some flags
-        config = config[0]
-    return dict(config)
+    path = hf_hub_download(repo_id, "config.json", subfolder=subfolder, local_files_only=local_only)
+    with open(path, encoding="utf-8") as handle:
+        return dict(json.load(handle))
 
 
 def _from_hub(repo_id: str) -> ResolvedTarget:
     last_error: Exception | None = None
     for local_only in (True, False):
         if not local_only and not _hub_reachable():
+            local = repo_id.rsplit("/", 1)[-1]
             raise UsageError(
                 f"{repo_id!r} looks like a Hugging Face Hub id, but its config is not in the local cache and the Hub "
-                "cannot be reached (offline?). Download the model folder and pass it: `magsdk inspect path/to/folder` "
-                "(a folder holding only the transformer's config.json is enough, passed as itself: "
-                "`magsdk inspect path/to/folder/transformer`), or pass the class name with its config: "
-                "`magsdk inspect FluxTransformer2DModel --config '{...}'`."
+                "cannot be reached (offline?). The transformer's config is all inspect needs: on a machine with "
+                f"network run `hf download {repo_id} transformer/config.json --local-dir {local}`, bring the folder "
+                f"here and run `magsdk inspect {local}/transformer`; or pass the transformer's class name with its "
+                "config: `magsdk inspect <TransformerClass> --config config.json`."
             ) from last_error
         for subfolder in ("transformer", None):
             try:
