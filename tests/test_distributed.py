@@ -247,3 +247,18 @@ def test_torchrun_calibrate_equals_single_process(
     print(f"magsdk calibrate on 2 ranks (as written, {DECIMALS} decimals) vs single process, max |diff| {diff:.2e}")
     assert diff <= TOLERANCE
     assert written["schedule"]["image_tokens"] == alone["schedule"]["image_tokens"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_torchrun_with_device_cuda_and_no_gpu_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torchrun --nproc-per-node 2 -m magsdk calibrate ... --device cuda`` on a CPU machine ended in
+    ``AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'`` on every rank."""
+    from magsdk.runtime.distributed import initialized, launched_process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(magsdk.UsageError, match=r"--device cuda: no CUDA device is available here .* leave --device "
+                       r"out to run the ranks on the CPU \(gloo\)"):
+        with launched_process_group("cuda"):
+            pass
+    assert not initialized()  # refused before any process group was started

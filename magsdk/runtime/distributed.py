@@ -412,7 +412,18 @@ def launched_process_group(device: str | None) -> Iterator[int]:
                 f"--device {device}: under torchrun every rank uses its own GPU (cuda:LOCAL_RANK); pass --device "
                 "cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES"
             )
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {device}: no CUDA device is available here (torch.cuda.is_available() is False); leave "
+                "--device out to run the ranks on the CPU (gloo)"
+            )
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UsageError(
+                f"torchrun started local rank {local}, but this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s): pass --nproc-per-node {torch.cuda.device_count()} or fewer"
+            )
+        torch.cuda.set_device(local)
     dist.init_process_group("nccl" if on_cuda else "gloo")
     try:
         yield world
