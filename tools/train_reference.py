@@ -200,7 +200,9 @@ def folder_size(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "magsdk" / "reference" / "flux-digits")
-    parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "img" / "reference-grid.png")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="sample grid PNG (default: docs/img/reference-grid.png for the shipped folder, "
+                        "else OUT-grid.png next to --out, so a trial run leaves the checkout alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-epochs", type=int, default=12)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
@@ -279,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         per_cfg[str(cfg)] = round(clf.prompt_accuracy(imgs, prompts), 4)
     log(f"classifier accuracy on {len(prompts)} samples: {accuracy:.3f} (cfg sweep {per_cfg}); "
         f"sampling took {sample_seconds:.1f} s")
-    args.grid.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(samples, columns=len(seeds), scale=2).save(args.grid)
+    shipped = out.resolve() == (ROOT / "magsdk" / "reference" / "flux-digits").resolve()
+    grid: Path = args.grid or (ROOT / "docs" / "img" / "reference-grid.png" if shipped
+                               else out.with_name(f"{out.name}-grid.png"))
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(samples, columns=len(seeds), scale=2).save(grid)
+    log(f"sample grid: {grid}")
 
     training.update({
         "total_seconds": round(time.perf_counter() - started, 1),
