@@ -357,8 +357,8 @@ def serve_bundled_package() -> None:
 
     Such a folder (``magsdk scaffold``'s default output, no ``__init__.py``) is a namespace package, and in an
     editable install Python's path finder takes it for ``strategies`` before setuptools' editable finder is
-    asked: the bundled strategies would vanish. The bundled folder is then added to that namespace's path, so
-    both are served. A user's own regular package named ``strategies`` is left alone.
+    asked: the bundled strategies would vanish. The bundled folder is then put first on that namespace's path,
+    so both are served. A user's own regular package named ``strategies`` is left alone.
     """
     folder = _installed_bundled_folder()
     if folder is None:
@@ -370,7 +370,9 @@ def serve_bundled_package() -> None:
             return
         module = importlib.import_module(BUNDLED_PACKAGE)  # a namespace: runs no code
     if getattr(module, "__file__", None) is None and str(folder) not in list(getattr(module, "__path__", [])):
-        module.__path__ = [*module.__path__, str(folder)]  # a plain list: a namespace path would recompute
+        # first, so `strategies.flux` is the bundled module even next to a copy in ./strategies/ (magsdk imports
+        # the folder's own modules by path); a plain list, as a namespace path would recompute itself
+        module.__path__ = [str(folder), *module.__path__]
         logger.debug("the bundled strategies %s are served next to the namespace package %s", folder, module.__path__)
 
 
