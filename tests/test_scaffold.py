@@ -666,3 +666,46 @@ def test_loading_a_transformer_casts_only_when_the_dtype_changes(caplog) -> None
         same = load_model("FluxTransformer2DModel", device="cpu", dtype="float32")
     assert same.dtype == "float32" and not [r for r in caplog.records if "kept in float32" in r.getMessage()]
     assert load_model("FluxTransformer2DModel", device="cpu", dtype="bfloat16").dtype == "bfloat16"
+
+
+AMBIGUOUS_MODEL = '''
+import torch
+from torch import nn
+
+
+class B(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        return hidden_states * 2, encoder_hidden_states * 3
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([B()])
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        for b in self.blocks:
+            hidden_states, encoder_hidden_states = b(hidden_states, encoder_hidden_states, timestep)
+        return hidden_states
+
+
+def inputs(model):
+    one = torch.ones(1, 1, 1)  # the same shape for both streams: the trace cannot tell the slots apart
+    return (), {"hidden_states": one, "encoder_hidden_states": one, "timestep": torch.tensor([0.5])}
+'''
+
+
+def test_an_ambiguous_scaffold_suggests_inspect_on_the_target_as_given(tmp_path, monkeypatch, capsys) -> None:
+    """The hint said `magsdk inspect M --inputs ...`, which fails: M is no diffusers class."""
+    (tmp_path / "ambm.py").write_text(AMBIGUOUS_MODEL)
+    monkeypatch.chdir(tmp_path)
+    assert main(["scaffold", "--model", "ambm.py:M", "--inputs", "ambm.py:inputs"]) == 1
+    err = capsys.readouterr().err
+    assert "so no strategy is written. Run `magsdk inspect ambm.py:M --inputs FILE.py:FUNC`" in " ".join(err.split())
+    assert not (tmp_path / "strategies").exists()
+    assert main(["inspect", "ambm.py:M", "--inputs", "ambm.py:inputs"]) == 0  # the hint's command runs
+    assert "ambiguous" in capsys.readouterr().out.lower()

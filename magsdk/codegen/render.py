@@ -12,6 +12,7 @@ import ast
 import keyword
 import os
 import re
+import shlex
 import textwrap
 from collections.abc import Iterable, Sequence
 from importlib import resources
@@ -110,16 +111,19 @@ def unsupported_layouts(report: InspectionReport) -> list[str]:
     return [note.message for note in report.notes if note.code in UNSUPPORTED_CODES]
 
 
-def check_decided(report: InspectionReport) -> None:
-    """Refuse to render guessed conventions: an ambiguous inspection would become a wrong strategy."""
+def check_decided(report: InspectionReport, target: str | None = None) -> None:
+    """Refuse to render guessed conventions: an ambiguous inspection would become a wrong strategy.
+
+    ``target``: the model as the user gave it (``ambm.py:M``), so the suggested command runs as written.
+    """
     if report.ambiguous:
         groups = ", ".join(a.group for a in report.ambiguities)
         raise MagSDKError(
             f"the inspection of {report.transformer} does not decide the output slots of {groups} (see its "
             "'ambiguous-output-slot' note), so no strategy is written. Run `magsdk inspect "
-            f"{report.transformer} --inputs FILE.py:FUNC` with inputs whose hidden and encoder states differ in "
-            "token count to see the conventions, and write the strategy's block_metadata from that "
-            "(docs/adapting-a-new-model.md)."
+            f"{shlex.quote(target or report.transformer)} --inputs FILE.py:FUNC` with inputs whose hidden and "
+            "encoder states differ in token count to see the conventions, and write the strategy's "
+            "block_metadata from that (docs/adapting-a-new-model.md)."
         )
 
 
@@ -170,7 +174,7 @@ def spec_from_report(
     retention_ratio: float | None = None,
 ) -> StrategySpec:
     name = check_module_name(module_name or default_module_name(report.transformer))
-    check_decided(report)
+    check_decided(report, model)
     if not report.block_groups:
         raise MagSDKError(f"the inspection of {report.transformer} found no block groups; nothing to cache")
     base = MagCacheStrategy
