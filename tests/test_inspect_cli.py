@@ -221,3 +221,11 @@ def test_a_hub_id_is_read_from_the_local_cache(capsys, tmp_path: Path, monkeypat
     assert code == 2 and out == ""
     assert "hf download myorg/absent transformer/config.json --local-dir absent" in err
     assert "magsdk inspect absent/transformer" in err
+
+
+def test_a_config_file_that_does_not_exist_is_named(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to say "--config is not valid JSON (Expecting value ...)" about a file name."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "FluxTransformer2DModel", "--config", "nofile.json")
+    assert (code, out) == (2, "")
+    assert f"--config 'nofile.json': no such file ({tmp_path.resolve() / 'nofile.json'} does not exist)" in err

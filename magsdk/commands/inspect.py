@@ -32,6 +32,11 @@ def _parse_config(raw: str | None) -> dict[str, Any] | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if text is raw and (raw.endswith(".json") or "/" in raw or "\\" in raw):  # meant as a file
+            raise UsageError(
+                f"--config {raw!r}: no such file ({path.expanduser().resolve()} does not exist); give a JSON file "
+                "of the transformer's constructor arguments (its config.json) or a JSON object"
+            ) from exc
         raise UsageError(
             f"--config is not valid JSON ({exc}); give a JSON object such as "
             "'{\"num_layers\": 19, \"in_channels\": 64}' or the path of a JSON file"
