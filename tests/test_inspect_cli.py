@@ -229,3 +229,13 @@ def test_a_config_file_that_does_not_exist_is_named(capsys, tmp_path: Path, monk
     code, out, err = run_cli(capsys, "FluxTransformer2DModel", "--config", "nofile.json")
     assert (code, out) == (2, "")
     assert f"--config 'nofile.json': no such file ({tmp_path.resolve() / 'nofile.json'} does not exist)" in err
+
+
+def test_an_out_path_that_cannot_be_written_is_named(capsys, tmp_path: Path) -> None:
+    """It was ``FileNotFoundError`` about the temporary file beside it, exit 1."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    code, out, err = run_cli(capsys, "FluxTransformer2DModel", "--out", str(blocked / "report.json"))
+    assert code == 2  # the table was printed; the report file is what could not be written
+    assert f"cannot write {blocked / 'report.json'}:" in err and "choose a path in a folder you can write to" in err
+    assert ".tmp" not in err
