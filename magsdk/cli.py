@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         err_console.print(
-            f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}\n(run `magsdk --debug <command> ...` for the traceback)",
+            f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
+            "(run `magsdk --debug <command> ...` for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
