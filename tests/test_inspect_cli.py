@@ -235,7 +235,7 @@ def test_an_out_path_that_cannot_be_written_is_named(capsys, tmp_path: Path) -> 
     """It was ``FileNotFoundError`` about the temporary file beside it, exit 1."""
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    code, out, err = run_cli(capsys, "FluxTransformer2DModel", "--out", str(blocked / "report.json"))
+    code, _, err = run_cli(capsys, "FluxTransformer2DModel", "--out", str(blocked / "report.json"))
     assert code == 2  # the table was printed; the report file is what could not be written
     assert f"cannot write {blocked / 'report.json'}:" in err and "choose a path in a folder you can write to" in err
     assert ".tmp" not in err
