@@ -551,6 +551,15 @@ class InspectionReport(BaseModel):
         return target
 
 
+def written_file_mode(path: Path) -> int:
+    """The mode a file written over ``path`` gets: the old file's, else the usual one (0666 & ~umask)."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves a half-written user file."""
     try:
@@ -564,14 +573,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
-        # mkstemp makes the file private (0600): keep the old file's mode, or the usual umask one.
-        if path.exists():
-            mode = path.stat().st_mode & 0o777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
+        os.chmod(tmp, written_file_mode(path))  # mkstemp makes the file private (0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

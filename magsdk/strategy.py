@@ -188,14 +188,17 @@ class MagCacheStrategy:
         ``check``: a block class with neither raises ``BlockLayoutError`` saying what to add.
         """
         lookup = dict(self.block_metadata)
+        unknown: set[str] = set()  # looked up once per class, not once per block (a lookup may run discovery)
         for path, block_class in self._block_classes(transformer):
-            if path in lookup or block_class in lookup:
+            if path in lookup or block_class in lookup or block_class in unknown:
                 continue
             registered = _registered_block_metadata(block_class)
             if registered is not None:
                 lookup[block_class] = registered
             elif check:
                 raise BlockLayoutError(self._no_metadata_message(transformer, path, block_class))
+            else:
+                unknown.add(block_class)
         return lookup
 
     def _block_classes(self, transformer: torch.nn.Module) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from magsdk.config import CalibrationEntry
+from magsdk.config import CalibrationEntry, written_file_mode
 from magsdk.errors import UsageError
 
 
@@ -42,7 +42,7 @@ def plot_calibration(entry: CalibrationEntry, path: Path, *, title: str = "") ->
         os.close(fd)
         try:
             figure.savefig(tmp, format="png")
-            os.chmod(tmp, _mode_for(path))  # mkstemp makes the file private (0600), as atomic_write_text knows
+            os.chmod(tmp, written_file_mode(path))  # mkstemp makes the file private (0600)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -52,11 +52,3 @@ def plot_calibration(entry: CalibrationEntry, path: Path, *, title: str = "") ->
         plt.close(figure)
     return path
 
-
-def _mode_for(path: Path) -> int:
-    """The mode a written ``path`` gets: the old file's, else the usual one under the umask (0666 & ~umask)."""
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
