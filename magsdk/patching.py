@@ -62,6 +62,18 @@ class Patches:
         self._saved.append((obj, attr, obj.__dict__.get(attr, _ABSENT), value))
         obj.__dict__[attr] = value
 
+    def restore_one(self, obj: Any, attr: str) -> None:
+        """Undo the patch of ``obj.attr`` alone (an object the owner stops using while it keeps the others)."""
+        for index, (saved_obj, saved_attr, previous, value) in enumerate(self._saved):
+            if saved_obj is obj and saved_attr == attr:
+                del self._saved[index]
+                if obj.__dict__.get(attr, _ABSENT) is value:  # else someone wrapped ours: leave theirs
+                    if previous is _ABSENT:
+                        del obj.__dict__[attr]
+                    else:
+                        obj.__dict__[attr] = previous
+                return
+
     def restore(self) -> list[tuple[Any, str]]:
         """Undo every patch, last first. Returns the ``(obj, attr)`` that someone wrapped after us."""
         covered: list[tuple[Any, str]] = []

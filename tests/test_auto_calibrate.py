@@ -110,6 +110,26 @@ def test_auto_calibrate_measures_then_caches_and_later_processes_reuse_the_curve
     assert len(curve_store.records()) == 2
 
 
+def test_auto_calibrate_keys_a_generation_by_the_scheduler_it_runs_with(cache_dir):
+    """A scheduler swapped in after enable (``pipe.scheduler = ...from_config(..., shift=3)``) is another schedule:
+    its first generation measures anew instead of caching with the curve measured on the old one."""
+    from magsdk.reference.components import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    with magsdk.enable(pipe, auto_calibrate=True) as handle:
+        generate(pipe)
+        generate(pipe)
+        assert handle.stats.skipped_calls > 0  # shift 1: measured, then cached
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
+        generate(pipe)
+        assert handle.stats.computed_steps("cond", generation=2) == list(range(STEPS))  # shift 3: measured
+        generate(pipe)
+        assert handle.stats.skipped_steps("cond", generation=3)  # and cached with its own curve
+    shifts = sorted(record.key.shift.get("shift") for _, record in curve_store.records())
+    assert shifts == [1.0, 3.0]
+
+
 def test_auto_calibrate_on_a_bare_transformer_needs_the_step_count(cache_dir):
     model = tiny_flux(layers=1, single_layers=1)
     with pytest.raises(magsdk.UsageError, match="auto_calibrate keys each curve by the run's step count"):

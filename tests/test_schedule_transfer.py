@@ -149,6 +149,38 @@ def test_a_pipeline_on_another_shift_follows_the_mapped_curve(pipe, calibration)
     assert mapped_steps != same_schedule  # the shift changed what the curve says
 
 
+def test_a_scheduler_replaced_after_enable_is_followed(pipe, calibration):
+    """``pipe.scheduler = X.from_config(..., shift=3)`` after ``enable`` (the usual diffusers idiom): the handle steps
+    by the new scheduler, as if it had been enabled on it. It used to keep the old one, whose step_index stood
+    still: every call of the next generation landed on one step past the curve's end."""
+    settings = dict(threshold=0.12, max_skip_steps=3, retention_ratio=0.2)
+    config = magsdk.MagCacheConfig(mag_ratios=calibration, **settings)
+    pipe = copy.copy(pipe)  # the module's pipeline keeps its scheduler
+    original = pipe.scheduler
+    shifted = FlowMatchEulerDiscreteScheduler.from_config(original.config, shift=3.0)
+    reference = copy.copy(pipe)
+    reference.scheduler = copy.deepcopy(shifted)
+    with magsdk.enable(reference, config) as fresh:  # enabled on the shifted pipeline from the start
+        expected_output = generate(reference, 12)
+        expected = fresh.stats.computed_steps("cond")
+    with magsdk.enable(pipe, config) as handle:
+        generate(pipe, 12)
+        unshifted = handle.stats.computed_steps("cond")
+        pipe.scheduler = shifted
+        assert handle.scheduler is shifted
+        assert handle.plan(12, "cond").computed_steps == expected  # the plan previews the new scheduler too
+        output = generate(pipe, 12)
+        assert handle.stats.computed_steps("cond") == expected != unshifted
+        assert torch.equal(output, expected_output)
+        assert "mapped through scheduler timesteps onto 12 steps" in handle.stats.curves["transformer:cond"]
+        assert len(handle.stats.generations()) == 2
+        pipe.scheduler = original  # and back
+        generate(pipe, 12)
+        assert handle.stats.computed_steps("cond") == unshifted
+    for scheduler in (original, shifted):  # every wrapper removed exactly
+        assert "set_timesteps" not in scheduler.__dict__
+
+
 def test_a_run_outside_the_calibrated_range_warns_once_with_the_numbers(pipe, calibration, caplog):
     config = magsdk.MagCacheConfig(mag_ratios=calibration, threshold=0.12)
     with caplog.at_level(logging.WARNING, logger="magsdk"), magsdk.enable(pipe, config):

@@ -21,9 +21,9 @@ from magsdk.runtime import distributed
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.distributed import GroupOption, Parallelism, ProcessGroup
 from magsdk.runtime.recorder import join_modules
+from magsdk.runtime.scheduler_link import SchedulerLink
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
-from magsdk.runtime.steps import scheduler_probe
 from magsdk.schedules import recorded_set_timesteps, timesteps_from_scheduler
 from magsdk.strategy import MagCacheStrategy
 
@@ -54,13 +54,19 @@ class MagCacheHandle:
         self.curves = curves
         self._patches = patches
         self.active = True
-        self.scheduler: Any = None
+        #: The scheduler this handle steps by (a pipeline's is followed when it is replaced); None without one.
+        self.link: SchedulerLink | None = None
         #: First-call tracers still waiting (``enable`` on a transformer nobody described).
         self.pending: list[Any] = []
         #: Per transformer: where its block metadata came from (strategy, given, registry or inferred).
         self.metadata_sources: dict[str, str] = {}
         #: The budget planner's constraints as the user set them (None: from the config's own fields).
         self.constraints: Constraints | None = None
+
+    @property
+    def scheduler(self) -> Any:
+        """The scheduler runs step by: the pipeline's as it is now (it may have been replaced), or ``scheduler=``."""
+        return self.link.current() if self.link is not None else None
 
     @property
     def blocks(self) -> list[str]:
@@ -86,20 +92,21 @@ class MagCacheHandle:
         follows the curve as it is, one ratio per call; its plan of ``num_steps`` calls says the same.
         """
         curves = self.curves if self.curves is not None else self._auto_curves(num_steps)
-        count_known = self.scheduler is not None or self.config.num_inference_steps is not None
-        if timesteps is None and self.scheduler is not None and curves.uses_schedules():
+        scheduler = self.scheduler
+        count_known = scheduler is not None or self.config.num_inference_steps is not None
+        if timesteps is None and scheduler is not None and curves.uses_schedules():
             # what this handle's own scheduler gives a num_steps run: set up as the pipeline did last time;
             # else its timesteps as they are, when the user's loop already set them for num_steps; else, before
             # a pipeline's first run, as the calibrating pipeline set it up (FLUX-style pipelines pass sigmas
             # that the scheduler's own defaults do not give)
             passed = self.sessions[0].set_timesteps_kwargs if self.sessions else {}
-            current = getattr(self.scheduler, "timesteps", None)
+            current = getattr(scheduler, "timesteps", None)
             if not passed and current is not None and len(current) == num_steps:
                 timesteps = [float(t) for t in current.tolist()]
             else:
                 if not passed:
                     passed = recorded_set_timesteps(curves.table_for(num_steps).schedule)
-                timesteps = timesteps_from_scheduler(self.scheduler, num_steps, passed)
+                timesteps = timesteps_from_scheduler(scheduler, num_steps, passed)
         return plan_source(
             curves, self.config, num_steps, branch, position=position, timesteps=timesteps, module=module,
             first_step=first_step, constraints=self.constraints, count_known=count_known,
@@ -209,12 +216,13 @@ class CalibrationHandle(MagCacheHandle):
                 len(schedule) if schedule else None,
             )
         result.num_steps = max(len(b.norm_ratios) for b in result.branches.values())
-        if self.scheduler is not None:
-            result.scheduler = type(self.scheduler).__name__
+        if self.link is not None:
+            scheduler = self.link.scheduler  # the one the calibrated generations ran with (not looked up again)
+            result.scheduler = type(scheduler).__name__
             first = self.sessions[0]
             if first.calibrated_schedule:
                 result.schedule = schedule_info(
-                    first.calibrated_schedule, self.scheduler, first.set_timesteps_kwargs, first.image_tokens
+                    first.calibrated_schedule, scheduler, first.set_timesteps_kwargs, first.image_tokens
                 )
         return result
 
@@ -456,6 +464,7 @@ def _attach(
     _check_arguments(config, strategy_source, metadata)
     caller = "magsdk.calibrate" if issubclass(handle_cls, CalibrationHandle) else "magsdk.enable"
     transformers, pipe_scheduler = _transformers_of(target, caller)
+    followed = scheduler is None and pipe_scheduler is not None  # the pipeline's: followed when replaced
     scheduler = scheduler if scheduler is not None else pipe_scheduler
     if len(transformers) > 1 and (auto_calibrate or (config is not None and config.auto_calibrate)):
         # each transformer measures only its part of the run, and both key their curve alike (same class and
@@ -468,6 +477,7 @@ def _attach(
     stats = CacheStats(keep_generations=keep_generations)
     sessions: list[CacheSession] = []
     patches = Patches("magsdk.enable")
+    link: SchedulerLink | None = None
     pending: list[Any] = []  # first-call tracers waiting for their call
     sources: dict[str, str] = {}
     # the budget planner's constraints as the user set them, before strategy defaults fill the config
@@ -506,21 +516,24 @@ def _attach(
         resolved = _resolve_strategy(transformer, strategy_source, meta, pipeline=target)
         attachments.append((name, transformer, resolved, *_config_and_curves(resolved, config), meta, False))
     try:
-        for name, transformer, strategy, resolved_config, curves, meta, traced in attachments:
+        for _, transformer, *_ in attachments:  # a handle already here goes first (it patched the scheduler too)
             previous = transformer.__dict__.get(_SESSION_ATTR)
             if previous is not None:
                 previous.disable()
+        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+            link = SchedulerLink(scheduler, target if followed else None, patches)
+        for name, transformer, strategy, resolved_config, curves, meta, traced in attachments:
             if traced:
                 from magsdk.runtime import autotrace
 
                 factory = functools.partial(
                     _new_session, transformer, name, strategy, resolved_config, curves, stats=stats,
-                    scheduler=scheduler, parallelism=parallelism,
+                    link=link, parallelism=parallelism,
                 )
                 autotrace.trace_first_call(transformer, factory, sessions, pending)
                 continue
             session = _new_session(
-                transformer, name, strategy, resolved_config, curves, meta, stats=stats, scheduler=scheduler,
+                transformer, name, strategy, resolved_config, curves, meta, stats=stats, link=link,
                 constraints=constraints, parallelism=parallelism,
             )
             sessions.append(session)
@@ -536,9 +549,9 @@ def _attach(
     handle.constraints = constraints
     handle.pending = pending
     handle.metadata_sources = sources
-    handle.scheduler = scheduler
-    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
-        patches.patch(scheduler, "set_timesteps", _new_generation_on(scheduler.set_timesteps, handle))
+    handle.link = link
+    if link is not None:
+        link.subscribe(functools.partial(_start_generation, handle))
     for _, transformer in transformers:
         patches.set_value(transformer, _SESSION_ATTR, handle)
     if handle.blocks:
@@ -576,7 +589,7 @@ def _new_session(
     metadata: MetadataSource | None,
     *,
     stats: CacheStats,
-    scheduler: Any,
+    link: SchedulerLink | None,
     constraints: Constraints | None = None,
     parallelism: Parallelism | None = None,
 ) -> CacheSession:
@@ -590,13 +603,13 @@ def _new_session(
     blocks = find_block_groups(transformer, _metadata_lookup(strategy, metadata, transformer), paths)
     auto = None
     if curves is None and config.auto_calibrate and not config.calibrate:
-        if scheduler is None and config.num_inference_steps is None:
+        if link is None and config.num_inference_steps is None:
             raise UsageError(
                 f"auto_calibrate keys each curve by the run's step count, which a bare {type(transformer).__name__} "
                 "does not tell: enable it on the pipeline (its scheduler says), or pass scheduler=pipe.scheduler or "
                 "MagCacheConfig(auto_calibrate=True, num_inference_steps=N)"
             )
-        auto = AutoCalibration(transformer, scheduler, config)
+        auto = AutoCalibration(transformer, link, config)
     elif curves is None and not config.calibrate:
         raise BlockLayoutError(
             f"{type(transformer).__name__}: no curve to decide with; pass MagCacheConfig(mag_ratios=...), a calibrated "
@@ -610,7 +623,7 @@ def _new_session(
         strategy,
         stats,
         name=name,
-        probe=scheduler_probe(scheduler) if scheduler is not None else None,
+        link=link,
         auto=auto,
         constraints=constraints,
     )
@@ -631,20 +644,11 @@ def registry_metadata(transformer: torch.nn.Module) -> dict[str, BlockMetadata] 
     return known or None
 
 
-def _new_generation_on(set_timesteps: Any, handle: MagCacheHandle) -> Any:
-    """A pipeline that sets new timesteps is starting a generation: say so to every session."""
-
-    @functools.wraps(set_timesteps)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _start_generation(handle, kwargs)
-        return set_timesteps(*args, **kwargs)
-
-    return wrapper
-
-
 @eager
-def _start_generation(handle: MagCacheHandle, kwargs: dict[str, Any]) -> None:
-    passed = {k: v for k, v in kwargs.items() if k in ("mu", "sigmas")}
+def _start_generation(handle: MagCacheHandle, passed: dict[str, Any], swapped: bool) -> None:
+    """A pipeline set new timesteps (or was given a new scheduler): every session starts a generation."""
     for session in handle.sessions:
         session.reset()
         session.set_timesteps_kwargs = passed
+        if swapped and handle.link is not None:
+            session.tracker.probe = handle.link.probe

@@ -21,6 +21,7 @@ from magsdk.calibration import curve_store
 from magsdk.config import CalibrationResult, MagCacheConfig
 from magsdk.curves import CurveSource
 from magsdk.errors import UsageError
+from magsdk.runtime.scheduler_link import SchedulerLink
 
 logger = logging.getLogger("magsdk")
 
@@ -28,13 +29,18 @@ logger = logging.getLogger("magsdk")
 class AutoCalibration:
     """Finds or measures the curve of each (steps, resolution) a transformer is run at."""
 
-    def __init__(self, transformer: torch.nn.Module, scheduler: Any, config: MagCacheConfig) -> None:
+    def __init__(self, transformer: torch.nn.Module, link: SchedulerLink | None, config: MagCacheConfig) -> None:
         self.transformer = transformer
-        self.scheduler = scheduler
+        self.link = link
         self.config = config
         self.known: dict[str, CalibrationResult] = {}  # by key id (keys hold dicts: not hashable)
         #: Keys whose save was announced: a generation's file is rewritten as each branch ends, said once.
         self.announced: set[str] = set()
+
+    @property
+    def scheduler(self) -> Any:
+        """The scheduler of the generation in flight (a curve belongs to its schedule)."""
+        return self.link.scheduler if self.link is not None else None
 
     def key(self, num_steps: int | None, image_tokens: int | None) -> curve_store.CurveKey:
         if num_steps is None:

@@ -33,9 +33,10 @@ from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.distributed import PlanGuard
 from magsdk.runtime.layout import ArgumentReader, forward_parameters
 from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Gatherer, Reducer, first_steps, merge_runs
+from magsdk.runtime.scheduler_link import SchedulerLink
 from magsdk.runtime.stack import BlockStack
 from magsdk.runtime.stats import CacheStats
-from magsdk.runtime.steps import CallPosition, SchedulerProbe, StepTracker
+from magsdk.runtime.steps import CallPosition, StepTracker
 from magsdk.strategy import MagCacheStrategy
 
 logger = logging.getLogger("magsdk")
@@ -99,7 +100,7 @@ class CacheSession:
         strategy: MagCacheStrategy,
         stats: CacheStats,
         name: str = "transformer",
-        probe: SchedulerProbe | None = None,
+        link: SchedulerLink | None = None,
         auto: AutoCalibration | None = None,
         constraints: Constraints | None = None,
     ) -> None:
@@ -120,7 +121,10 @@ class CacheSession:
         self.stats = stats
         self.name = name
         self.stack = BlockStack(transformer, blocks, strategy)
-        self.tracker = StepTracker(probe=probe, fixed_num_steps=config.num_inference_steps)
+        #: The scheduler this session steps by (shared with the handle, which follows a pipeline's replacement).
+        self.scheduler_link = link
+        self.tracker = StepTracker(probe=link.probe if link is not None else None,
+                                   fixed_num_steps=config.num_inference_steps)
         self.branches: dict[str, BranchState] = {}
         self.context_name: str | None = None
         self.calibration_runs: list[dict[str, BranchRunRecord]] = []
@@ -207,6 +211,11 @@ class CacheSession:
     def before_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActiveCall:
         """Place the call, decide it, and put the matching layout into the block lists."""
         observed: list[float | None] = []
+        link = self.scheduler_link
+        if link is not None and link.pipeline is not None and (
+            getattr(link.pipeline, "scheduler", None) is not link.scheduler
+        ):
+            link.current()  # a scheduler the pipeline was given since its last call starts a generation on it
 
         def read_timestep() -> float | None:
             value = self._read_timestep(args, kwargs)
