@@ -1,0 +1,73 @@
+"""Deep copies of objects magsdk patched are plain copies of the unpatched objects.
+
+diffusers' LTX2 pipelines deep-copy their scheduler inside ``__call__`` for the audio stream, and users
+deep-copy pipelines. magsdk's wrappers are closures over the original objects: a copy that carried them
+set up the *original* scheduler (the LTX2 audio scheduler stayed on its 1000 training timesteps, then an
+IndexError in the next generation) and ran the *original* transformer (its own weights never used).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+import magsdk
+from strategies.flux import VARIANTS
+
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]
+CONFIG = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
+MAGSDK_ATTRS = ("forward", "cache_context", "set_timesteps", "_magsdk_session", "__deepcopy__")
+
+
+@pytest.fixture()
+def pipe() -> Any:
+    from magsdk.reference.components import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: Any, steps: int = 12) -> torch.Tensor:
+    with torch.no_grad():
+        out = pipe("a cat", num_inference_steps=steps, height=32, width=32, max_sequence_length=16,
+                   output_type="latent", generator=torch.Generator().manual_seed(0))
+    return out.images  # type: ignore[no-any-return]
+
+
+def magsdk_attrs(obj: Any) -> list[str]:
+    return [name for name in MAGSDK_ATTRS if name in obj.__dict__]
+
+
+def test_a_deep_copy_of_an_enabled_pipeline_is_a_plain_pipeline_with_its_own_weights(pipe):
+    plain_output = generate(copy.deepcopy(pipe))
+    handle = magsdk.enable(pipe, CONFIG)
+    cached_output = generate(pipe)
+    twin = copy.deepcopy(pipe)
+    assert magsdk_attrs(twin.transformer) == [] and magsdk_attrs(twin.scheduler) == []
+    assert torch.equal(generate(twin), plain_output)  # every step computed, by the copy's own modules
+    with torch.no_grad():
+        for parameter in twin.transformer.transformer_blocks.parameters():
+            parameter.mul_(1.5)
+    assert not torch.equal(generate(twin), plain_output)  # the copy's weights are the ones that run
+    assert len(handle.stats.generations()) == 1  # the original's handle saw none of the copy's calls
+    assert torch.equal(generate(pipe), cached_output)  # and the original is cached as before
+    assert handle.stats.computed_steps(generation=1) == handle.stats.computed_steps(generation=0)
+    assert handle.sessions[0].tracker.probe is not None  # still steps by the scheduler, no tensor reads
+    handle.disable()
+    assert magsdk_attrs(pipe.transformer) == [] and magsdk_attrs(pipe.scheduler) == []
+
+
+def test_a_scheduler_deep_copied_during_a_run_is_its_own(pipe):
+    """What LTX2Pipeline does: ``audio_scheduler = copy.deepcopy(self.scheduler)``, then sets both up."""
+    with magsdk.enable(pipe, CONFIG) as handle:
+        expected = generate(pipe)
+        audio = copy.deepcopy(pipe.scheduler)
+        audio.set_timesteps(8)
+        assert len(audio.timesteps) == 8 and len(pipe.scheduler.timesteps) == 12  # the copy set itself up
+        assert magsdk_attrs(audio) == []
+        assert torch.equal(generate(pipe), expected)
+        assert handle.stats.computed_steps(generation=1) == handle.stats.computed_steps(generation=0)
