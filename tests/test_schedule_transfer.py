@@ -181,6 +181,38 @@ def test_a_scheduler_replaced_after_enable_is_followed(pipe, calibration):
         assert "set_timesteps" not in scheduler.__dict__
 
 
+def test_handle_plan_after_a_run_is_what_that_run_computed_with_custom_sigmas_and_img2img(pipe):
+    """The plan of a run with sigmas of its own, or an img2img run that starts late (``strength``), is the plan
+    of the timesteps the scheduler was set up with: magsdk cannot rebuild either from a step count. It used to
+    rebuild a plain N-step schedule and plan that ([0, 1, 3, 9] for a run that computed [0, 1, 3, 8])."""
+    import numpy as np
+    import PIL.Image
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = copy.copy(pipe)
+    pipe.scheduler = copy.deepcopy(pipe.scheduler)
+    call = dict(height=32, width=32, max_sequence_length=16, output_type="latent")
+    with magsdk.enable(pipe) as handle, torch.no_grad():  # the FLUX.1-dev curve, mapped through its schedule
+        sigmas = [1.0, 0.95, 0.9, 0.7, 0.5, 0.45, 0.4, 0.2, 0.1, 0.05]
+        pipe("a cat", sigmas=sigmas, generator=torch.Generator().manual_seed(0), **call)
+        assert "mapped through scheduler timesteps onto 10 steps" in handle.stats.curves["transformer:cond"]
+        assert handle.plan(10).computed_steps == handle.stats.computed_steps()
+        img2img = FluxImg2ImgPipeline.from_pipe(pipe)  # shares the transformer and the scheduler
+        img2img.set_progress_bar_config(disable=True)
+        image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        img2img("a cat", image=image, strength=0.6, num_inference_steps=28,
+                generator=torch.Generator().manual_seed(0), **call)
+        ran = handle.stats.computed_steps() + handle.stats.skipped_steps()
+        assert len(ran) == 17 < 28  # strength 0.6: the run starts 11 steps in
+        assert handle.plan(17).computed_steps == handle.stats.computed_steps()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 8.0, True])
+def test_handle_plan_of_a_step_count_that_is_not_one_says_so(pipe, bad):
+    with magsdk.enable(copy.copy(pipe)) as handle, pytest.raises(magsdk.UsageError, match="a whole number >= 1"):
+        handle.plan(bad)
+
+
 def test_a_run_outside_the_calibrated_range_warns_once_with_the_numbers(pipe, calibration, caplog):
     config = magsdk.MagCacheConfig(mag_ratios=calibration, threshold=0.12)
     with caplog.at_level(logging.WARNING, logger="magsdk"), magsdk.enable(pipe, config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -91,19 +92,26 @@ class MagCacheHandle:
         run's step count (a bare transformer given neither ``scheduler=`` nor ``num_inference_steps``)
         follows the curve as it is, one ratio per call; its plan of ``num_steps`` calls says the same.
         """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+            raise UsageError(
+                "handle.plan(num_steps) takes the run's number of denoising steps, a whole number >= 1; "
+                f"got {num_steps!r}"
+            )
+        num_steps = int(num_steps)
         curves = self.curves if self.curves is not None else self._auto_curves(num_steps)
         scheduler = self.scheduler
         count_known = scheduler is not None or self.config.num_inference_steps is not None
         if timesteps is None and scheduler is not None and curves.uses_schedules():
-            # what this handle's own scheduler gives a num_steps run: set up as the pipeline did last time;
-            # else its timesteps as they are, when the user's loop already set them for num_steps; else, before
-            # a pipeline's first run, as the calibrating pipeline set it up (FLUX-style pipelines pass sigmas
-            # that the scheduler's own defaults do not give)
-            passed = self.sessions[0].set_timesteps_kwargs if self.sessions else {}
-            current = getattr(scheduler, "timesteps", None)
-            if not passed and current is not None and len(current) == num_steps:
-                timesteps = [float(t) for t in current.tolist()]
+            assert self.link is not None
+            # what this handle's own scheduler gives a num_steps run: the run it last set up, when that had
+            # num_steps steps (custom sigmas, an img2img run's later start: only the scheduler knows them); else
+            # set up as the pipeline did last time; else, before a pipeline's first run, as the calibrating
+            # pipeline set it up (FLUX-style pipelines pass sigmas that the scheduler's own defaults do not give)
+            current = self.link.probe.timesteps()
+            if current is not None and len(current) == num_steps:
+                timesteps = current
             else:
+                passed = self.sessions[0].set_timesteps_kwargs if self.sessions else {}
                 if not passed:
                     passed = recorded_set_timesteps(curves.table_for(num_steps).schedule)
                 timesteps = timesteps_from_scheduler(scheduler, num_steps, passed)
