@@ -26,7 +26,7 @@ from magsdk.runtime.scheduler_link import SchedulerLink
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.schedules import recorded_set_timesteps, timesteps_from_scheduler
-from magsdk.strategy import MagCacheStrategy
+from magsdk.strategy import MagCacheStrategy, _inspect_target
 
 logger = logging.getLogger("magsdk")
 
@@ -258,6 +258,11 @@ def enable(
     ranks that run the transformer together; they check once per generation that they hold the same
     plan ("auto": diffusers' context-parallel group, if any; docs/multi-gpu.md).
     """
+    if isinstance(config, MagCacheConfig) and config.calibrate:  # the handle enable() returns has no result to read
+        raise UsageError(
+            "MagCacheConfig(calibrate=True) is what magsdk.calibrate uses: `with magsdk.calibrate(pipe) as cal: "
+            "pipe(...)`, then read cal.result (magsdk.enable would record every step into nothing you can read)"
+        )
     if auto_calibrate and config is not None and not config.auto_calibrate:
         config = config.model_copy(update={"auto_calibrate": True})
     parallelism = Parallelism.of(parallel_group)
@@ -301,7 +306,9 @@ def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
 
 def _transformers_of(target: Any, caller: str = "magsdk.enable") -> tuple[list[tuple[str, torch.nn.Module]], Any]:
     if isinstance(target, torch.nn.Module) and not hasattr(target, "transformer"):
-        return [("transformer", unwrap_compiled(target))], None
+        bare = unwrap_compiled(target)
+        _refuse_other_components(bare, caller)
+        return [("transformer", bare)], None
     found = []
     for name in ("transformer", "transformer_2"):
         module = getattr(target, name, None)
@@ -315,6 +322,22 @@ def _transformers_of(target: Any, caller: str = "magsdk.enable") -> tuple[list[t
                if isinstance(target, str) else "")
         )
     return found, getattr(target, "scheduler", None)
+
+
+def _refuse_other_components(module: torch.nn.Module, caller: str) -> None:
+    """A pipeline's VAE or text encoder runs once per generation, not once per step: nothing to skip. Attached,
+    it would fail at its first call ("no blocks") or, with a first-call trace, cache a model that never repeats."""
+    origin = type(module).__module__
+    kind = None
+    if origin.startswith("diffusers.models.autoencoders"):
+        kind = "a VAE (it encodes or decodes latents once per generation)"
+    elif origin.split(".")[0] == "transformers":
+        kind = "a text or image encoder (it runs once per prompt)"
+    if kind is not None:
+        raise UsageError(
+            f"{caller}() got {type(module).__name__}, {kind}; MagCache skips denoising steps of the diffusion "
+            "transformer: pass the pipeline, or pipe.transformer"
+        )
 
 
 def _resolve_strategy(
@@ -404,8 +427,25 @@ def _metadata_lookup(
         lookup.update(metadata.metadata_by_class())
         lookup.update({group.path: group.metadata for group in metadata.block_groups})
     elif metadata is not None:
+        _check_metadata_keys(metadata, transformer)
         lookup.update(metadata)
     return lookup
+
+
+def _check_metadata_keys(metadata: Mapping[str, BlockMetadata], transformer: torch.nn.Module) -> None:
+    """A key that names no block class and no block list of this model would be ignored: a typo, or metadata
+    written for another model, must not leave the strategy's conventions silently in charge."""
+    classes = {type(m).__name__ for m in transformer.modules()}
+    lists = (torch.nn.ModuleList, torch.nn.Sequential)
+    paths = {name for name, m in transformer.named_modules() if isinstance(m, lists)}
+    unknown = sorted(key for key in metadata if key not in classes and key not in paths)
+    if unknown:
+        named = ", ".join(sorted(p for p in paths if p)) or "none"
+        raise UsageError(
+            f"metadata names {', '.join(unknown)}: neither a block class nor a block list of "
+            f"{type(transformer).__name__} (its block lists: {named}); key it by block class name or list path, "
+            f"as `magsdk inspect {_inspect_target(type(transformer))} --json` reports them"
+        )
 
 
 def find_block_groups(
@@ -426,7 +466,8 @@ def find_block_groups(
             except AttributeError as exc:
                 raise BlockLayoutError(
                     f"{type(transformer).__name__} has no block list at {path!r}; the strategy or report "
-                    "was made for another model. Run `magsdk inspect` on this one."
+                    f"was made for another model. Run `magsdk inspect {_inspect_target(type(transformer))}` "
+                    "on this one."
                 ) from exc
     else:
         taken: list[str] = []
@@ -446,13 +487,14 @@ def find_block_groups(
             if meta is None:
                 raise BlockLayoutError(
                     f"block {path}.{index} is a {type(block).__name__}, for which no metadata is known "
-                    f"(known: {', '.join(sorted(lookup)) or 'none'}). Run `magsdk inspect` on the transformer."
+                    f"(known: {', '.join(sorted(lookup)) or 'none'}). Run "
+                    f"`magsdk inspect {_inspect_target(type(transformer))}` for its conventions"
                 )
             blocks.append((f"{path}.{index}", block, meta))
     if not blocks:
         raise BlockLayoutError(
             f"no transformer blocks found in {type(transformer).__name__} for the block classes "
-            f"{', '.join(sorted(lookup)) or '(none)'}; run `magsdk inspect {type(transformer).__name__}` "
+            f"{', '.join(sorted(lookup)) or '(none)'}; run `magsdk inspect {_inspect_target(type(transformer))}` "
             "to find its blocks and their conventions"
         )
     return blocks
@@ -471,6 +513,11 @@ def _attach(
 ) -> MagCacheHandle:
     _check_arguments(config, strategy_source, metadata)
     caller = "magsdk.calibrate" if issubclass(handle_cls, CalibrationHandle) else "magsdk.enable"
+    if scheduler is not None and not callable(getattr(scheduler, "set_timesteps", None)):
+        raise UsageError(
+            "scheduler= takes the diffusers scheduler your loop calls set_timesteps and step on (e.g. "
+            f"pipe.scheduler), got {_kind(scheduler)}"
+        )
     transformers, pipe_scheduler = _transformers_of(target, caller)
     followed = scheduler is None and pipe_scheduler is not None  # the pipeline's: followed when replaced
     scheduler = scheduler if scheduler is not None else pipe_scheduler

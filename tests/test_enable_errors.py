@@ -1,0 +1,108 @@
+"""``magsdk.enable`` refuses what it cannot use, with a hint that works when followed, and leaves nothing attached."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tiny_models import fresh_copy, tiny_flux
+
+import magsdk
+from magsdk.cli import main
+from strategies.flux import VARIANTS
+
+FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]
+CONFIG = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
+
+USER_NET = textwrap.dedent(
+    """
+    import torch
+
+    class Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    class MyNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Blk(), Blk()])
+
+        def forward(self, x, t=None):
+            for block in self.blocks:
+                x = block(x)
+            return x
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Any:
+    from magsdk.reference.components import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_no_blocks_in_a_users_own_class_names_the_inspect_command_that_works(tmp_path: Path, capsys):
+    """It said `magsdk inspect MyNet`, which answers "diffusers has no class named 'MyNet'"."""
+    path = tmp_path / "mynet.py"
+    path.write_text(USER_NET)
+    spec = importlib.util.spec_from_file_location("mynet_for_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    net = module.MyNet()
+    other = magsdk.BlockMetadata(return_hidden_states_index=0)
+    with pytest.raises(magsdk.UsageError, match="metadata names Other") as refused:
+        magsdk.enable(net, magsdk.MagCacheConfig(mag_ratios=[1.0, 0.9, 0.9]), metadata={"Other": other})
+    command = f"magsdk inspect {path}:MyNet"
+    assert command in str(refused.value)
+    assert "forward" not in net.__dict__
+    assert main(command.split()[1:]) == 0  # the hint, followed
+    assert "head block: blocks.0" in capsys.readouterr().out
+
+
+def test_a_vae_or_text_encoder_is_refused_with_what_to_pass(pipe):
+    for component in (pipe.vae, pipe.text_encoder):
+        with pytest.raises(magsdk.UsageError, match=r"pass the pipeline, or pipe\.transformer"):
+            magsdk.enable(component, CONFIG)
+        with pytest.raises(magsdk.UsageError, match=type(component).__name__):
+            magsdk.enable(component, auto_calibrate=True)
+        assert "forward" not in component.__dict__
+
+
+def test_a_scheduler_that_is_not_one_is_refused():
+    model = fresh_copy(tiny_flux())
+    for value in ("euler", object()):
+        with pytest.raises(magsdk.UsageError, match="scheduler= takes the diffusers scheduler"):
+            magsdk.enable(model, CONFIG, scheduler=value)
+    assert "forward" not in model.__dict__
+
+
+def test_a_calibrating_config_is_sent_to_magsdk_calibrate(pipe):
+    with pytest.raises(magsdk.UsageError, match=r"with magsdk\.calibrate\(pipe\) as cal"):
+        magsdk.enable(pipe, magsdk.MagCacheConfig(calibrate=True))
+    assert "forward" not in pipe.transformer.__dict__
+
+
+def test_metadata_for_a_block_class_the_model_lacks_is_refused(pipe):
+    """It was ignored: the strategy's conventions stayed in charge, whatever the user meant to say."""
+    meta = magsdk.BlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0)
+    with pytest.raises(magsdk.UsageError, match="metadata names NoSuchBlock") as refused:
+        magsdk.enable(pipe, CONFIG, metadata={"NoSuchBlock": meta})
+    assert "transformer_blocks" in str(refused.value) and "magsdk inspect FluxTransformer2DModel" in str(refused.value)
+    assert "forward" not in pipe.transformer.__dict__
+    # keyed by the model's own block class, the same metadata is taken
+    with magsdk.enable(pipe, CONFIG, metadata={"FluxSingleTransformerBlock": meta}) as handle:
+        assert handle.blocks
+    assert "forward" not in pipe.transformer.__dict__
