@@ -24,9 +24,38 @@ def _flux_sigmas(num_steps: int) -> list[float]:
     return [float(v) for v in np.linspace(1.0, 1.0 / num_steps, num_steps)]
 
 
+def flow_unipc_schedule(
+    num_steps: int, shift: float, num_train_timesteps: int = 1000
+) -> tuple[list[float], list[float]]:
+    """Timesteps and sigmas of the Wan repositories' own ``FlowUniPCMultistepScheduler`` (not a diffusers class).
+
+    Wan2.1 / Wan2.2 build it with ``shift=1`` and call ``set_timesteps(N, shift=s)``: N sigmas evenly spaced
+    from ``1 - 1/T`` down to 0 (N + 1 points, the last dropped), shifted by ``s·σ / (1 + (s - 1)·σ)``;
+    the timesteps are ``σ·T`` truncated to integers. diffusers' ``UniPCMultistepScheduler`` with
+    ``use_flow_sigmas`` starts at 1 instead and keeps fractional timesteps, so it is a few timesteps off
+    (up to 8 at shift 12): the curves measured by the Wan scripts are described by this formula.
+    """
+    top = float(np.float32(1.0 - 1.0 / num_train_timesteps))  # its sigma_max: the training sigmas are float32
+    sigmas = np.linspace(top, 0.0, num_steps + 1)[:-1]
+    sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+    timesteps = np.trunc(sigmas * num_train_timesteps)
+    return [float(t) for t in timesteps], [float(v) for v in sigmas]
+
+
+#: Samplers outside diffusers whose schedule magsdk computes itself, from the config values recorded with a curve.
+FORMULA_SCHEDULERS = {
+    "FlowUniPCMultistepScheduler": lambda config, n: flow_unipc_schedule(
+        n, float(config.get("shift", 1.0)), int(config.get("num_train_timesteps", 1000))
+    )[0],
+}
+
+
 def _rebuild(schedule: ScheduleInfo, num_steps: int) -> list[float] | None:
     if not schedule.scheduler:
         return None
+    formula = FORMULA_SCHEDULERS.get(schedule.scheduler)
+    if formula is not None:
+        return formula(schedule.config, num_steps)
     try:
         import diffusers
     except ImportError:  # pragma: no cover - diffusers is a dependency

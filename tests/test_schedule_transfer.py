@@ -329,3 +329,45 @@ def test_a_pipelines_step_count_overrules_a_configs_num_inference_steps_with_a_w
     assert computed[28] == computed[None]
     plan_28 = magsdk.plan(FLUX_RATIOS, magsdk.MagCacheConfig(**settings), 28, "cond").computed_steps
     assert computed[28] != [s for s in plan_28 if s < 14]  # what the run used to follow
+
+
+# -- published curves measured on the Wan repos' own scheduler ------------------------------------------------
+def test_the_wan_scheduler_formula_matches_the_sources_own_account_of_its_expert_switch():
+    """diffusers has no FlowUniPCMultistepScheduler; the Wan curves' schedules come from its formula. Wan2.2's
+    MagCache script says that at 40 steps and shift 12 the high-noise expert (timesteps >= 875) runs steps 0-25."""
+    from magsdk.schedules import flow_unipc_schedule
+
+    timesteps, sigmas = flow_unipc_schedule(40, 12.0)
+    assert sum(t >= 875 for t in timesteps) == 26
+    assert timesteps[:3] == [999.0, 997.0, 995.0] and all(t == int(t) for t in timesteps)  # truncated to integers
+    assert sigmas[0] == pytest.approx(12 * 0.999 / (1 + 11 * 0.999), rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["wan2.1-t2v-1.3b", "wan2.2-t2v-a14b"])
+def test_wan_variants_carry_their_schedule_and_rebuild_it_at_other_step_counts(variant):
+    from magsdk.schedules import flow_unipc_schedule
+    from strategies.wan import VARIANTS as WAN
+
+    entry = CalibrationEntry.model_validate(next(v for v in WAN if v["name"] == variant)["calibrations"][0])
+    schedule = entry.schedule
+    assert schedule is not None and schedule.scheduler == "FlowUniPCMultistepScheduler"
+    shift = schedule.config["shift"]
+    own = flow_unipc_schedule(entry.num_steps, shift)[0]
+    assert timesteps_for(schedule, entry.num_steps) == schedule.timesteps == own
+    assert timesteps_for(schedule, 30) == flow_unipc_schedule(30, shift)[0]  # what `magsdk plan --steps 30` maps onto
+
+
+def test_a_diffusers_wan_pipeline_on_another_shift_maps_the_published_curve():
+    """Wan2.1-T2V-1.3B-Diffusers ships UniPCMultistepScheduler(flow_shift=3.0); the curve was measured at shift 5."""
+    import library_models as lm
+    from diffusers import UniPCMultistepScheduler
+
+    pipe, call = lm.wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    with magsdk.enable(pipe) as handle:
+        pipe(num_inference_steps=30, **call)
+        assert "mapped through scheduler timesteps onto 30 steps" in handle.stats.curves["transformer:cond"]
+        for position, branch in enumerate(handle.stats.branches()):
+            assert handle.stats.computed_steps(branch) == handle.plan(30, branch, position=position).computed_steps
+        assert handle.stats.skipped_calls > 0

@@ -111,8 +111,10 @@ class ScheduleRebuild(BaseModel):
     config: dict[str, Any]
     config_source: str
     #: "flux_linspace": the pipeline passes sigmas = linspace(1, 1/N, N) and mu from the image token count.
+    #: "wan_flow_unipc": the Wan repos' own FlowUniPCMultistepScheduler (magsdk.schedules.flow_unipc_schedule).
     sigmas: str
-    image_tokens: int
+    #: The image token count the schedule was set up for (None: the schedule does not depend on it).
+    image_tokens: int | None
     resolution: str
     #: The transformer's timestep argument is the scheduler's timestep times this (FluxPipeline: t / 1000).
     timestep_argument_scale: float
@@ -125,7 +127,16 @@ class ScheduleRebuild(BaseModel):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         from magsdk.runtime.session import schedule_info
+        from magsdk.schedules import flow_unipc_schedule
 
+        note = f"{self.note}; {self.config_source}"
+        if self.sigmas == "wan_flow_unipc":
+            timesteps, sigmas = flow_unipc_schedule(
+                num_steps, float(self.config["shift"]), int(self.config.get("num_train_timesteps", 1000))
+            )
+            info = ScheduleInfo(timesteps=timesteps, sigmas=sigmas, scheduler=self.scheduler, config=dict(self.config),
+                                image_tokens=self.image_tokens, resolution=self.resolution, note=note)
+            return info, [t * self.timestep_argument_scale for t in timesteps]
         scheduler = getattr(diffusers, self.scheduler).from_config(self.config)
         if self.sigmas != "flux_linspace":
             raise ValueError(f"unknown sigma rule {self.sigmas!r}")
@@ -136,7 +147,7 @@ class ScheduleRebuild(BaseModel):
         scheduler.set_timesteps(sigmas=sigmas, mu=mu)
         timesteps = [float(t) for t in scheduler.timesteps.tolist()]
         info = schedule_info(timesteps, scheduler, {"mu": mu, "sigmas": sigmas}, self.image_tokens)
-        info = info.model_copy(update={"resolution": self.resolution, "note": f"{self.note}; {self.config_source}"})
+        info = info.model_copy(update={"resolution": self.resolution, "note": note})
         return info, [t * self.timestep_argument_scale for t in timesteps]
 
 
@@ -178,6 +189,12 @@ class Curve(BaseModel):
 
     def calibration(self) -> CalibrationEntry:
         schedule, stamps = self.rebuild.schedule(self.num_steps) if self.rebuild is not None else (None, [])
+        two = self.two_transformers
+        if schedule is not None and two is not None:  # the source's own account of its expert switch checks the rebuild
+            high = sum(t >= two.boundary_timestep for t in schedule.timesteps)
+            if high != two.first_steps:
+                raise ValueError(f"{self.id}: the rebuilt schedule has {high} steps at timesteps >= "
+                                 f"{two.boundary_timestep}, the source says {two.first_steps}")
         entry = CalibrationEntry(
             num_steps=self.num_steps,
             branches=self.curves(),
@@ -377,7 +394,9 @@ def render_docs(library: Library) -> str:
         "## The schedule each curve was made on",
         "",
         "As far as each source says. Where a source states its schedule fully, the variant carries it (the",
-        "scheduler's timesteps computed from its config, with a note) and its curve is mapped through them onto",
+        "scheduler's timesteps computed from its config, with a note; the Wan repos' own FlowUniPCMultistepScheduler,",
+        "which diffusers lacks, by its formula in `magsdk.schedules.flow_unipc_schedule`) and its curve is mapped",
+        "through them onto",
         "each run's step count, shift and resolution (`resample=\"auto\"`; see the user guide's *Schedules*):",
         (", ".join(f"`{name}`" for name in mapped) or "none yet") + ". The others are resampled to other step counts",
         "by nearest index, as their sources do; a run far from the schedule below (other shift, resolution,",
