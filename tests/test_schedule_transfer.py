@@ -358,7 +358,8 @@ def test_wan_variants_carry_their_schedule_and_rebuild_it_at_other_step_counts(v
 
 
 def test_a_diffusers_wan_pipeline_on_another_shift_maps_the_published_curve():
-    """Wan2.1-T2V-1.3B-Diffusers ships UniPCMultistepScheduler(flow_shift=3.0); the curve was measured at shift 5."""
+    """diffusers' Wan docs: by default Wan uses UniPCMultistepScheduler(..., flow_shift=3.0); the 1.3B curve was
+    measured at shift 5 by the Wan repo's own scheduler."""
     import library_models as lm
     from diffusers import UniPCMultistepScheduler
 
