@@ -21,6 +21,14 @@ from magsdk.ratios import select_calibration
 from magsdk.registry import StrategyRegistry
 
 
+class NoCalibrationError(UsageError, BlockLayoutError):
+    """Nothing to decide skips with: no calibration was shipped, or none was recorded.
+
+    A ``UsageError`` (the user's next step fixes it: calibrate, or pass a curve); also a
+    ``BlockLayoutError``, which it was raised as before, so that code catching that keeps working.
+    """
+
+
 def load_calibrations(raw: Sequence[Mapping[str, Any]]) -> list[CalibrationEntry]:
     """Validate the calibration literal of a strategy module (the part codegen rewrites)."""
     return [CalibrationEntry.model_validate(dict(entry)) for entry in raw]
@@ -160,9 +168,17 @@ class MagCacheStrategy:
             chosen = select_variant(cls, None)
         entries = chosen.calibrations if chosen is not None else cls.calibrations
         if not entries:
-            raise BlockLayoutError(
-                f"strategy {cls.__name__} has no calibration yet; run "
-                f"`magsdk calibrate <file> --model <model> --steps N` or pass mag_ratios explicitly"
+            where = _source_of(cls)
+            command = (
+                f"`magsdk calibrate {where} --model MODEL --steps N` (MODEL: your pipeline folder or hub id, N: "
+                f"your run's steps) writes one into {where}; "
+                if where else ""
+            )
+            raise NoCalibrationError(
+                f"strategy {cls.__name__} has no calibration yet, so it has no curve to decide skips with. "
+                f"{command}or pass a curve: magsdk.MagCacheConfig(mag_ratios=...), e.g. the result of "
+                "`with magsdk.calibrate(pipe) as cal: pipe(...)` (cal.result); or enable with auto_calibrate=True "
+                "to measure one during the first generation"
             )
         entry = select_calibration(entries, num_steps)
         stamps = entry.timesteps if entry.timesteps and None not in entry.timesteps else None
@@ -255,11 +271,13 @@ class MagCacheStrategy:
             return out_hidden[:, -n:] - in_hidden
         if fused and tail.fused_sequence_order == "image_text":
             return out_hidden[:, :n] - in_hidden
-        raise BlockLayoutError(
+        from magsdk.runtime.layout import MetadataMismatchError  # the runtime package imports this module
+
+        raise MetadataMismatchError(
             f"the last block returned a hidden state of shape {tuple(out_hidden.shape)} but the first block "
             f"received {tuple(in_hidden.shape)}, and the block metadata declares no fused text+image layout "
-            f"(fused_sequence_order={tail.fused_sequence_order!r}). Run `magsdk inspect` on the transformer "
-            "and use its metadata, or override compute_residual in the strategy."
+            f"(fused_sequence_order={tail.fused_sequence_order!r}); the metadata must declare it, or the strategy "
+            "override compute_residual"
         )
 
     def apply_residual(

@@ -406,14 +406,41 @@ def _chains(groups: list[_Group], facts: _Facts, warnings: _Notes) -> list[_Segm
         segments = _build_segments(groups, facts, warnings, strict)
         if segments:
             if not strict:
-                warnings.add(
-                    "no-latent-lineage",
-                    f"no block argument derives from the latents {facts.latent!r} "
-                    f"{facts.trace.inputs.get(facts.latent or '')} or holds their {sorted(facts.image_tokens)} tokens; "
-                    "the hidden state was chosen by data flow and argument order alone"
-                )
+                warnings.add("no-latent-lineage", _no_lineage_text(facts))
             return segments
     return []
+
+
+def _no_lineage_text(facts: _Facts) -> str:
+    """Why the hidden state was chosen without the latents to go by, in words (no None or [] placeholders)."""
+    trace = facts.trace
+    if facts.latent is None:
+        tensors = ", ".join(
+            f"{name} {_shape_text(shape)}" for name, shape in trace.inputs.items() if shape is not None
+        )
+        found = (
+            "the transformer's forward received no tensor of 3 or more dimensions (a token sequence or an image) "
+            "to take for the latents"
+            + (f" (its tensor arguments: {tensors})" if tensors else " (it received no tensor argument)")
+        )
+    else:
+        shape = trace.inputs.get(facts.latent)
+        counts = sorted(facts.image_tokens)
+        tokens = f" or has their {' or '.join(str(c) for c in counts)} tokens" if counts else ""
+        found = (
+            f"no block argument derives from the latents (the forward's argument {facts.latent!r}"
+            + (f" {_shape_text(shape)}" if shape is not None else "")
+            + ")" + tokens
+        )
+    return (
+        f"{found}; the blocks' hidden state was chosen by how values flow from block to block and by argument "
+        "order alone. If the hidden_states_argument_name inferred is not the argument that carries the image, "
+        "pass metadata= with the right one"
+    )
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "of shape (" + ", ".join(str(d) for d in shape) + ")"
 
 
 def _build_segments(groups: list[_Group], facts: _Facts, warnings: _Notes, strict: bool) -> list[_Segment]:

@@ -25,6 +25,7 @@ from magsdk.inspect.infer import ambiguity_error, infer_metadata, summary
 from magsdk.inspect.trace import BlockCall, Trace, find_block_containers, make_trace, tracing
 from magsdk.patching import Patches
 from magsdk.registry import InferredReportRegistry
+from magsdk.runtime.layout import MetadataMismatchError
 from magsdk.runtime.session import CacheSession, eager, wrap_cache_context
 
 logger = logging.getLogger("magsdk")
@@ -111,7 +112,11 @@ class FirstCall:
         self.patches.restore()
         session = self.make_session(report)
         self.sessions.append(session)
-        _replay(session, trace, args, kwargs, self.context_name)
+        try:
+            _replay(session, trace, args, kwargs, self.context_name)
+        except MetadataMismatchError as error:  # as for any call: the model runs plainly from now on
+            session.stop(error)
+            raise
         return output
 
 
@@ -126,7 +131,7 @@ def _replay(
     head, tail = session.stack.paths[0], session.stack.paths[-1]
     head_calls, tail_calls = _calls_of(trace, head), _calls_of(trace, tail)
     if not head_calls or not tail_calls or head_calls[0].values is None:
-        raise BlockLayoutError(
+        raise MetadataMismatchError(
             f"{session.name}: the traced call did not run {head} and {tail} as first and last blocks"
         )
     previous_context, session.context_name = session.context_name, context

@@ -21,6 +21,19 @@ from magsdk.errors import BlockLayoutError
 _MISSING = object()
 
 
+class MetadataMismatchError(BlockLayoutError):
+    """The block metadata does not fit the blocks this transformer runs: no later call can go better.
+
+    The session that meets one stops caching (``CacheSession.stop``) and adds to the message what
+    to do, naming the ``magsdk inspect`` target of its transformer, which a block does not know.
+    ``metadata_fix``: whether other metadata can fix it (else the model needs a strategy's own code).
+    """
+
+    def __init__(self, message: str, *, metadata_fix: bool = True) -> None:
+        super().__init__(message)
+        self.metadata_fix = metadata_fix
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputShape:
     """A block output's container, described without holding any of its tensors."""
@@ -57,9 +70,9 @@ class ArgumentReader:
         self.index = names.index(name) if name in names else None
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         if self.index is None and not var_kw:
-            raise BlockLayoutError(
+            raise MetadataMismatchError(
                 f"{owner}.forward has no argument named {name!r} (its arguments: {', '.join(names)}); "
-                "the block metadata does not match this block. Run `magsdk inspect` on the transformer."
+                "the block metadata does not match this block"
             )
         default = params[self.index].default if self.index is not None else inspect.Parameter.empty
         self.default: Any = None if default is inspect.Parameter.empty else default
@@ -72,7 +85,9 @@ class ArgumentReader:
         if self.index is not None and self.index < len(args):
             return args[self.index]
         if self.required:
-            raise BlockLayoutError(f"{self.owner} was called without its {self.name!r} argument")
+            raise MetadataMismatchError(
+                f"{self.owner} was called without its {self.name!r} argument, which the block metadata names"
+            )
         return self.default
 
 
@@ -93,10 +108,10 @@ class BlockIO:
     def read_hidden(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         value = self.hidden.read(args, kwargs)
         if not isinstance(value, torch.Tensor):
-            raise BlockLayoutError(
+            raise MetadataMismatchError(
                 f"{self.label} ({self.cls_name}) received {type(value).__name__} as "
                 f"{self.metadata.hidden_states_argument_name!r}, expected a tensor; the metadata names the "
-                "wrong argument. Run `magsdk inspect` on the transformer."
+                "wrong argument"
             )
         return value
 
@@ -117,9 +132,9 @@ class BlockIO:
             else:
                 value = getattr(output, str(meta.return_hidden_states_key))
         except (IndexError, KeyError, TypeError, AttributeError) as exc:
-            raise self._mismatch(output, f"({exc})") from exc
+            raise self._mismatch(output, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(value, torch.Tensor):
-            raise self._mismatch(output, f"(found {type(value).__name__} where the hidden state should be)")
+            raise self._mismatch(output, f"found {type(value).__name__} where the hidden state should be")
         return value
 
     def verify(self, output: Any) -> None:
@@ -136,11 +151,14 @@ class BlockIO:
         else:
             ok = isinstance(output, expected[meta.output_kind])
         if not ok:
-            raise self._mismatch(output, "")
+            raise self._mismatch(output, f"it is not a {meta.output_kind}")
         self.extract_hidden(output)
         if meta.output_kind in ("tuple", "list") and meta.return_encoder_hidden_states_index is not None:
             if meta.return_encoder_hidden_states_index >= len(output):
-                raise self._mismatch(output, "(no element at return_encoder_hidden_states_index)")
+                raise self._mismatch(
+                    output, f"it has no element at return_encoder_hidden_states_index="
+                    f"{meta.return_encoder_hidden_states_index}"
+                )
         self.shape = OutputShape.of(output, meta)
 
     def observe(self, output: Any) -> None:
@@ -166,10 +184,11 @@ class BlockIO:
             size = max(h_idx, e_idx if e_idx is not None else 0) + 1
             if shape is not None and shape.length > size:
                 if shape.other_tensor_slots:
-                    raise BlockLayoutError(
+                    raise MetadataMismatchError(
                         f"{self.label} ({self.cls_name}) returns tensors at {list(shape.other_tensor_slots)} besides "
                         "its hidden and encoder states; a skipped step cannot reproduce them. Override "
-                        "apply_residual/compute_residual in a strategy, or do not cache this model."
+                        "apply_residual/compute_residual in a strategy, or do not cache this model.",
+                        metadata_fix=False,
                     )
                 size = shape.length
             items: list[Any] = [None] * size
@@ -186,13 +205,12 @@ class BlockIO:
             raise BlockLayoutError(f"{self.label}: cannot build a {kind} output before one real call")
         return shape.dataclass_type(**{name: None for name in shape.fields} | values)
 
-    def _mismatch(self, output: Any, detail: str) -> BlockLayoutError:
+    def _mismatch(self, output: Any, detail: str) -> MetadataMismatchError:
         meta = self.metadata
-        return BlockLayoutError(
+        return MetadataMismatchError(
             f"{self.label} ({self.cls_name}) returned {_describe(output)}, which does not match its metadata "
             f"(output_kind={meta.output_kind!r}, return_hidden_states_index={meta.return_hidden_states_index}, "
-            f"return_hidden_states_key={meta.return_hidden_states_key!r}) {detail}. "
-            "Run `magsdk inspect` on the transformer and use the metadata it infers."
+            f"return_hidden_states_key={meta.return_hidden_states_key!r}): {detail}"
         )
 
 

@@ -31,13 +31,13 @@ from magsdk.planner import FORECAST_REACH
 from magsdk.ratios import BranchSchedule, Constraints
 from magsdk.runtime.autocal import AutoCalibration
 from magsdk.runtime.distributed import PlanGuard
-from magsdk.runtime.layout import ArgumentReader, forward_parameters
+from magsdk.runtime.layout import ArgumentReader, MetadataMismatchError, forward_parameters
 from magsdk.runtime.recorder import BranchRecorder, BranchRunRecord, Gatherer, Reducer, first_steps, merge_runs
 from magsdk.runtime.scheduler_link import SchedulerLink
 from magsdk.runtime.stack import BlockStack
 from magsdk.runtime.stats import CacheStats
 from magsdk.runtime.steps import CallPosition, StepTracker
-from magsdk.strategy import MagCacheStrategy
+from magsdk.strategy import MagCacheStrategy, NoCalibrationError, _inspect_target, _source_of
 
 logger = logging.getLogger("magsdk")
 
@@ -120,7 +120,11 @@ class CacheSession:
         self.strategy = strategy
         self.stats = stats
         self.name = name
-        self.stack = BlockStack(transformer, blocks, strategy)
+        try:
+            self.stack = BlockStack(transformer, blocks, strategy)
+        except MetadataMismatchError as error:
+            error.args = (f"{error}. {self._metadata_hint()}",)
+            raise
         #: The scheduler this session steps by (shared with the handle, which follows a pipeline's replacement).
         self.scheduler_link = link
         self.tracker = StepTracker(probe=link.probe if link is not None else None,
@@ -143,6 +147,8 @@ class CacheSession:
         self._timestep = self._timestep_reader(transformer)
         self.patches = Patches(f"magsdk cache session on {name}")
         self.attached = False
+        #: Why the session stopped caching (metadata that does not fit the model); None while it caches.
+        self.stopped: str | None = None
         self._attach()
 
     @property
@@ -200,10 +206,17 @@ class CacheSession:
             call = before(args, kwargs)
             try:
                 output = original(*args, **kwargs)
+            except MetadataMismatchError as error:
+                session.stop(error)  # no later call can go better: the model runs plainly from now on
+                raise
             except BaseException:
                 session.abort_call()  # no state leaks into the next generation
                 raise
-            after(call)
+            try:
+                after(call)
+            except MetadataMismatchError as error:
+                session.stop(error)
+                raise
             return output
 
         return forward
@@ -283,7 +296,7 @@ class CacheSession:
             if not call.skip:
                 head_in, head_out, tail_out = gate.head_input, gate.head_output, gate.tail_output
                 if head_in is None or tail_out is None:
-                    raise BlockLayoutError(
+                    raise MetadataMismatchError(
                         f"{self.name}: the call did not run {self.stack.paths[0]} and {self.stack.paths[-1]} "
                         "as first and last blocks of its stack; the strategy or report does not fit this model"
                     )
@@ -305,6 +318,47 @@ class CacheSession:
     def abort_call(self) -> None:
         self.stack.leave()
         self.reset(discard=True)
+
+    @eager
+    def stop(self, error: MetadataMismatchError) -> None:
+        """Stop caching for good: the metadata does not fit the model, so every later call would fail alike.
+
+        A session left attached would break each call the same way, and ``enable`` again on the same
+        model needs ``disable`` first. So the session detaches its own patches: the model's calls run
+        its original ``forward``, as if magsdk were not enabled. What the handle patched (the model's
+        ``_magsdk_session`` marker, the scheduler's ``set_timesteps``) is the handle's: it stays until
+        ``handle.disable()``, which works as ever. ``error``'s message is extended to say all this.
+        """
+        self.stopped = str(error)
+        self.detach()
+        cls = type(self.transformer).__name__
+        notice = (
+            f"magsdk stopped caching {cls} ({self.name}): from this call on it runs without the cache, as if "
+            "magsdk were not enabled; handle.disable() removes what is left"
+        )
+        if error.metadata_fix:
+            notice += f". To cache it, {self._metadata_hint(lowercase=True)}"
+        error.args = (f"{error}. {notice}",)
+
+    def _metadata_hint(self, lowercase: bool = False) -> str:
+        """What to do about metadata that does not fit: infer it with ``magsdk inspect`` for this class."""
+        cls = type(self.transformer)
+        target = _inspect_target(cls)
+        named = cls.__module__.split(".")[0] == "diffusers" or (
+            _source_of(cls) is not None and "<" not in cls.__qualname__
+        )
+        if not named:  # a class made in a function or typed in at a prompt: no TARGET names it
+            hint = (
+                "pass the block conventions inferred from a small build of its class: `from magsdk.inspect import "
+                "inspect_target`, then magsdk.enable(..., metadata=inspect_target(type(transformer)))"
+            )
+        else:
+            hint = (
+                f"run `magsdk inspect {target}` to see the block conventions it infers, and pass them: "
+                f"`from magsdk.inspect import inspect_target`, then magsdk.enable(..., "
+                f"metadata=inspect_target({target!r}))"
+            )
+        return hint if lowercase else hint[0].upper() + hint[1:]
 
     def _store(self, call: ActiveCall, head_in: torch.Tensor, head_out: Any, tail_out: Any) -> None:
         stack = self.stack
@@ -352,15 +406,42 @@ class CacheSession:
             self._warnings.once(
                 "range",
                 "magsdk: %d of this run's timesteps (%s) lie outside the calibrated schedule's range; the curve is "
-                "held flat (ratio 1) there. %s. Calibrate on this schedule (magsdk calibrate ... --steps %s) for "
-                "reliable skips.%s",
+                "held flat (ratio 1) there. %s.%s For reliable skips, calibrate on this run's schedule: %s",
                 len(mapped.out_of_range), ", ".join(f"{t:g}" for t in mapped.out_of_range[:4]), mapped.how,
-                position.num_steps, "" if lo is None else f" Calibrated range: {lo:g}..{hi:g}.",
+                "" if lo is None else f" Calibrated range: {lo:g}..{hi:g}.", self._calibrate_hint(position.num_steps),
             )
         logger.debug("magsdk: %s branch %s follows the %s", self.name, position.branch, mapped.how)
         self.stats.note_curve(self.name, position.branch, mapped.how)
         schedule = BranchSchedule(mapped, self.config, start=max(position.step, 0), constraints=self.constraints)
         return BranchState(schedule=schedule)
+
+    def _calibrate_hint(self, num_steps: int | None) -> str:
+        """How to calibrate at this run's schedule: in Python always; on the command line where it can be spelled
+        out (the curve is a strategy file's and the model's folder or hub id is known)."""
+        steps = f"num_inference_steps={num_steps}" if num_steps else "this run's steps and settings"
+        on_pipe = self.scheduler_link is not None and self.scheduler_link.pipeline is not None
+        if on_pipe:
+            hint = (f"`with magsdk.calibrate(pipe) as cal: pipe(..., {steps})`, then "
+                    "magsdk.enable(pipe, magsdk.MagCacheConfig(mag_ratios=cal.result))")
+        else:
+            hint = (f"`with magsdk.calibrate(transformer) as cal:` run your loop ({steps}) inside it, then "
+                    "magsdk.enable(transformer, magsdk.MagCacheConfig(mag_ratios=cal.result))")
+        strategy_file = _source_of(type(self.strategy)) if type(self.strategy) is not MagCacheStrategy else None
+        from_strategy = self.curves is not None and all(t.label != "config" for t in self.curves.tables)
+        model = self._model_location()
+        if strategy_file and from_strategy and model and num_steps:
+            hint += f"; or on the command line: magsdk calibrate {strategy_file} --model {model} --steps {num_steps}"
+        return hint
+
+    def _model_location(self) -> str | None:
+        """The folder or hub id the pipeline (else the transformer) was loaded from; None for one built in code."""
+        link = self.scheduler_link
+        owners = ([link.pipeline] if link is not None and link.pipeline is not None else []) + [self.transformer]
+        for owner in owners:
+            value = getattr(getattr(owner, "config", None), "_name_or_path", None)
+            if isinstance(value, str) and value.strip():
+                return value
+        return None
 
     def _outran_curve(self, schedule: BranchSchedule) -> None:
         """A run that does not know its step count follows the curve as it is: say so once when it outruns it."""
@@ -458,8 +539,10 @@ class CacheSession:
         self.branches.clear()
         runs = self.calibration_runs if self.run_gatherer is None else self.run_gatherer(self.calibration_runs)
         if not runs:
-            raise BlockLayoutError(
-                "calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`"
+            raise NoCalibrationError(
+                "calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`. Run the pipeline "
+                "(or your loop over the transformer) inside the `with` block: `with magsdk.calibrate(pipe) as cal: "
+                "pipe(...)`, then read cal.result after it"
             )
         branches = merge_runs(runs)
         self.calibration_first_steps = first_steps(runs)  # a second transformer joins mid-run

@@ -23,8 +23,9 @@ from typing import Any, NamedTuple
 logger = logging.getLogger("magsdk")
 
 DEFAULT_BRANCH_PREFIX = "pass"
-#: Calls at one scheduler step beyond which the scheduler is taken not to be advancing.
-MAX_BRANCHES_PER_STEP = 16
+#: Calls at one scheduler step beyond which the scheduler is taken not to be advancing (pipelines run at most
+#: three or four branches per step; a false alarm only costs a host read per call, a late one a whole generation).
+MAX_BRANCHES_PER_STEP = 8
 
 
 class CallPosition(NamedTuple):
@@ -46,6 +47,8 @@ class SchedulerProbe:
     num_steps: Callable[[], int | None]
     step_index: Callable[[], int | None]
     timesteps: Callable[[], list[float] | None]
+    #: False for a scheduler whose ``set_timesteps`` never ran: it cannot be the one stepping the run.
+    was_set: Callable[[], bool] = lambda: True
 
 
 @dataclass
@@ -85,24 +88,31 @@ class StepTracker:
     def observe(self, read_timestep: Callable[[], float | None], context: str | None) -> CallPosition:
         """Place one call. ``read_timestep`` is called only when the scheduler cannot say."""
         if self.probe is not None:
-            return self._observe_scheduler(self.probe, context)
+            return self._observe_scheduler(self.probe, read_timestep, context)
         return self.observe_timestep(read_timestep(), context)
 
     # -- with a scheduler: no tensor is read -------------------------------------------------------
-    def _observe_scheduler(self, probe: SchedulerProbe, context: str | None) -> CallPosition:
+    def _observe_scheduler(
+        self, probe: SchedulerProbe, read_timestep: Callable[[], float | None], context: str | None
+    ) -> CallPosition:
         index = probe.step_index()
         step = index if index is not None else 0
         new_generation = self._pending_new or step < self.step
-        if not new_generation and step == self.step and index is None and (
-            len(self._calls_in_step) >= MAX_BRANCHES_PER_STEP
-        ):
-            logger.warning(
-                "magsdk: the scheduler's step_index did not advance over %d calls; tracking steps by the "
-                "timestep of each call instead (one device→host read per call)", MAX_BRANCHES_PER_STEP
-            )
-            self.probe = None
-            self._pending_new = True
-            return self.observe_timestep(None, context)
+        why = None
+        if new_generation:
+            # A scheduler whose timesteps nobody set is not the one the loop steps (checked once per generation:
+            # an attribute read, no tensor). Its step_index would stay None, every call would land on step 0.
+            if index is None and not probe.was_set():
+                why = "its set_timesteps was never called, so it is not the scheduler that runs the steps"
+        elif step == self.step:
+            calls = self._calls_in_step
+            if context is not None and context in calls:
+                # one branch (cache_context name) twice at one step: the scheduler did not step in between
+                why = f"it {_stood(index)} while the transformer was called twice for the branch {context!r}"
+            elif len(calls) >= MAX_BRANCHES_PER_STEP:
+                why = f"it {_stood(index)} over {MAX_BRANCHES_PER_STEP} transformer calls"
+        if why is not None:
+            return self._stop_following(why, read_timestep, context, 0 if new_generation else len(self._calls_in_step))
         if new_generation:
             self._start_generation(probe.num_steps())
         if new_generation or step != self.step:
@@ -136,6 +146,26 @@ class StepTracker:
         self._last_t = timestep
         return self._place(context, new_generation)
 
+    def _stop_following(
+        self, why: str, read_timestep: Callable[[], float | None], context: str | None, misplaced: int
+    ) -> CallPosition:
+        """The scheduler does not step this run: track by each call's timestep from here on, and say so once.
+
+        Falling back costs one device→host read per call, but a scheduler that stands still puts every call
+        on one step (each taken for another CFG branch), so nothing would ever be skipped.
+        """
+        logger.warning(
+            "magsdk: the scheduler magsdk follows is not the one stepping this run: %s. From this call on, steps "
+            "are told apart by each call's timestep instead (one device→host read per call)%s. Fix: pass the "
+            "scheduler your loop calls set_timesteps and step on to magsdk.enable(..., scheduler=...), or leave "
+            "scheduler= out",
+            why,
+            f"; the {misplaced} calls before were all placed on one step and computed" if misplaced > 1 else "",
+        )
+        self.probe = None
+        self._pending_new = True
+        return self.observe_timestep(read_timestep(), context)
+
     def _start_generation(self, probed_steps: int | None) -> None:
         self.generation += 1
         self.step = -1
@@ -158,6 +188,10 @@ class StepTracker:
         branch = context or f"{DEFAULT_BRANCH_PREFIX}{position}"
         self._calls_in_step.append(branch)
         return CallPosition(self.generation, self.step, branch, position, new_generation, self.num_steps)
+
+
+def _stood(index: int | None) -> str:
+    return "never stepped" if index is None else f"stayed at step {index}"
 
 
 def _floats(values: Any) -> list[float] | None:
@@ -194,4 +228,11 @@ def scheduler_probe(scheduler: object) -> SchedulerProbe:
         values = _floats(getattr(scheduler, "timesteps", None))
         return values[begin():] if values is not None else None
 
-    return SchedulerProbe(num_steps=num_steps, step_index=step_index, timesteps=timesteps)
+    def was_set() -> bool:
+        # diffusers' schedulers set num_inference_steps in set_timesteps (None or absent before); one of another
+        # kind is trusted as given
+        if getattr(scheduler, "num_inference_steps", None) is not None:
+            return True
+        return not any(cls.__module__.split(".")[0] == "diffusers" for cls in type(scheduler).__mro__)
+
+    return SchedulerProbe(num_steps=num_steps, step_index=step_index, timesteps=timesteps, was_set=was_set)
