@@ -52,16 +52,20 @@ def pipe() -> Any:
     return pipe
 
 
-def test_no_blocks_in_a_users_own_class_names_the_inspect_command_that_works(tmp_path: Path, capsys):
-    """It said `magsdk inspect MyNet`, which answers "diffusers has no class named 'MyNet'"."""
+def user_net(tmp_path: Path) -> tuple[Path, Any]:
     path = tmp_path / "mynet.py"
     path.write_text(USER_NET)
-    spec = importlib.util.spec_from_file_location("mynet_for_test", path)
+    spec = importlib.util.spec_from_file_location(f"mynet_{tmp_path.name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    net = module.MyNet()
+    return path, module.MyNet()
+
+
+def test_no_blocks_in_a_users_own_class_names_the_inspect_command_that_works(tmp_path: Path, capsys):
+    """It said `magsdk inspect MyNet`, which answers "diffusers has no class named 'MyNet'"."""
+    path, net = user_net(tmp_path)
     other = magsdk.BlockMetadata(return_hidden_states_index=0)
     with pytest.raises(magsdk.UsageError, match="metadata names Other") as refused:
         magsdk.enable(net, magsdk.MagCacheConfig(mag_ratios=[1.0, 0.9, 0.9]), metadata={"Other": other})
@@ -106,3 +110,11 @@ def test_metadata_for_a_block_class_the_model_lacks_is_refused(pipe):
     with magsdk.enable(pipe, CONFIG, metadata={"FluxSingleTransformerBlock": meta}) as handle:
         assert handle.blocks
     assert "forward" not in pipe.transformer.__dict__
+
+
+def test_a_calibration_of_a_traced_model_that_ran_nothing_says_what_to_run(tmp_path: Path):
+    _, net = user_net(tmp_path)
+    with pytest.raises(magsdk.UsageError, match=r"Run the pipeline \(or your loop over the transformer\) inside"):
+        with magsdk.calibrate(net):
+            pass
+    assert "forward" not in net.__dict__

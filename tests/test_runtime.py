@@ -440,7 +440,7 @@ def test_cal_result_before_the_block_ends_or_after_it_failed_says_why(pipeline):
     with pytest.raises(magsdk.BlockLayoutError, match="recorded nothing"):
         with magsdk.calibrate(pipeline) as empty:
             pass
-    with pytest.raises(magsdk.UsageError, match="ended with BlockLayoutError: calibration recorded nothing"):
+    with pytest.raises(magsdk.UsageError, match="ended with NoCalibrationError: calibration recorded nothing"):
         _ = empty.result
 
 

@@ -26,7 +26,7 @@ from magsdk.runtime.scheduler_link import SchedulerLink
 from magsdk.runtime.session import CacheSession, eager, schedule_info
 from magsdk.runtime.stats import DEFAULT_KEEP_GENERATIONS, CacheStats
 from magsdk.schedules import recorded_set_timesteps, timesteps_from_scheduler
-from magsdk.strategy import MagCacheStrategy, _inspect_target
+from magsdk.strategy import MagCacheStrategy, NoCalibrationError, _inspect_target
 
 logger = logging.getLogger("magsdk")
 
@@ -214,7 +214,11 @@ class CalibrationHandle(MagCacheHandle):
             )
         if not self.sessions:  # a traced transformer gets its session at its first call: there was none
             distributed.abandon(self.parallelism, "this rank recorded no generation")
-            raise BlockLayoutError("calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`")
+            raise NoCalibrationError(
+                "calibration recorded nothing: no generation ran inside `magsdk.calibrate(...)`. Run the pipeline "
+                "(or your loop over the transformer) inside the `with` block: `with magsdk.calibrate(pipe) as cal: "
+                "pipe(...)`, then read cal.result after it"
+            )
         results = [s.calibration_result() for s in self.sessions]
         result = results[0]
         if len(results) > 1:  # transformers sharing one schedule: each one's curve covers the whole run
