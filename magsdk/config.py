@@ -162,9 +162,36 @@ class CalibrationResult(BaseModel):
                 return [float(t) for t in branch.timesteps if t is not None]
         return None
 
+    def too_short(self) -> str | None:
+        """Why this result cannot serve as a curve (None: it can): a branch of fewer than 2 steps.
+
+        A ratio compares a step's residual with the previous step's, so a 1-step run measures no change, and
+        ``MagCacheConfig`` refuses a curve of one value. A 1-step calibration saved and loaded fine and only
+        failed there, far from the run that made it; ``save`` and ``load`` say so instead.
+        """
+        short = {name: len(b.norm_ratios) for name, b in self.branches.items() if len(b.norm_ratios) < 2}
+        if not short:
+            return None
+        shown = ", ".join(f"{name!r}: {n}" for name, n in short.items())
+        return (
+            f"the calibration has fewer than 2 steps ({shown}); a calibration needs a run of at least 2 steps (a "
+            "ratio compares each step with the one before). Calibrate on the step count you run, e.g. "
+            "`with magsdk.calibrate(pipe) as cal: pipe(..., num_inference_steps=28)`"
+        )
+
     def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result as JSON (atomically); ``UsageError`` for a result no run can use or a path that is
+        not a file's."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(
+                f"save(path) takes a file path (str or pathlib.Path), got {type(path).__name__} {path!r}; e.g. "
+                "cal.result.save('calibration.json')"
+            )
         target = Path(path)
-        atomic_write_text(target, self.model_dump_json(indent=2) + "\n")
+        problem = self.too_short()
+        if problem is not None:
+            raise UsageError(f"not saving {target}: {problem}")
+        atomic_write_text(target, self.model_dump_json(indent=2) + "\n", example="calibration.json")
         return target
 
     @classmethod
@@ -203,7 +230,7 @@ class CalibrationResult(BaseModel):
             what, use = other
             raise UsageError(f"{source} holds {what}, not a CalibrationResult; {use + ', or ' if use else ''}{write}")
         try:
-            return cls.model_validate(data)
+            result = cls.model_validate(data)
         except ValidationError as exc:
             errors = exc.errors()
             shown = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}" for e in errors[:3])
@@ -211,6 +238,10 @@ class CalibrationResult(BaseModel):
             raise UsageError(
                 f"{source} is not a valid CalibrationResult: {shown}{more}; fix those values, or {write}"
             ) from exc
+        problem = result.too_short()
+        if problem is not None:
+            raise UsageError(f"{source} cannot be used: {problem}, then `cal.result.save({str(source)!r})`")
+        return result
 
 
 def _is_curve(value: Any) -> bool:
@@ -335,7 +366,21 @@ class MagCacheConfig(BaseModel):
             return None
         if not value:
             raise ValueError("mag_ratios is an empty dict; give at least one branch curve")
-        return {name: _check_curve(f"mag_ratios[{name!r}]", curve) for name, curve in value.items()}
+        checked = {name: _check_curve(f"mag_ratios[{name!r}]", curve) for name, curve in value.items()}
+        lengths = {name: len(curve) for name, curve in checked.items()}
+        if len(set(lengths.values())) > 1:
+            # every curve is indexed by the run's step (a second transformer's ``transformer_2:`` curves too: a
+            # calibration joins each expert's part into one curve over the run), so unequal lengths were silently
+            # averaged or resampled by index onto each other: steps matched up wrongly
+            shown = ", ".join(f"{name!r}: {n}" for name, n in lengths.items())
+            first = next(iter(checked))
+            raise ValueError(
+                f"mag_ratios' branches have different lengths ({shown}); each curve has one ratio per step of the "
+                "calibrated run, so all of them must cover the same steps. Give the curves of one calibration, or "
+                f"only the branches that cover the whole run (e.g. mag_ratios={{{first!r}: <its "
+                f"{lengths[first]} values>}})"
+            )
+        return checked
 
     @field_validator("compute_steps", mode="after")
     @classmethod
@@ -355,6 +400,24 @@ class MagCacheConfig(BaseModel):
                 "step and 2 computes half of them (or use compute_steps=B for an exact count)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_timesteps(self) -> MagCacheConfig:
+        """``timesteps`` name each step of the curve: of another length they were silently dropped (the curve
+        was then followed by step index, not by noise level)."""
+        if self.timesteps is None or self.mag_ratios is None:
+            return self
+        steps = len(next(iter(self.mag_ratios.values())))
+        if len(self.timesteps) != steps:
+            raise ValueError(
+                f"timesteps has {len(self.timesteps)} values but the mag_ratios curves have {steps} (one per "
+                f"step); give the transformer's timestep argument at each of the {steps} calibrated steps, or "
+                "leave timesteps out (the curve is then followed by step index)"
+            )
+        for index, value in enumerate(self.timesteps):
+            if not math.isfinite(value):
+                raise ValueError(f"timesteps[{index}] = {value!r} is not a finite number; give one timestep per step")
+        return self
 
     @model_validator(mode="after")
     def _check_budget(self) -> MagCacheConfig:
@@ -560,8 +623,30 @@ def written_file_mode(path: Path) -> int:
     return 0o666 & ~umask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written user file."""
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` that is not a folder (so ``path`` cannot be created)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def atomic_write_text(path: Path, text: str, example: str | None = None) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written user file.
+
+    A path that cannot be a file is refused first with a ``UsageError`` naming it: an existing folder (the
+    rename failed as IsADirectoryError naming the temporary file) or a path below a file (``mkdir`` said "File
+    exists"). ``example``: a file name to suggest inside a folder that was given.
+    """
+    if path.is_dir():
+        inside = path / (example or path.name or "out")
+        raise UsageError(f"cannot write {path}: it is a folder; give the name of a file to write, e.g. {inside}")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise UsageError(
+            f"cannot write {path}: {blocker} is a file, not a folder, so nothing can be written below it; choose "
+            f"a path in a folder you can write to (e.g. {blocker.parent / path.name})"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

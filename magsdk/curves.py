@@ -25,14 +25,57 @@ import numpy as np
 
 from magsdk.config import DEFAULT_BRANCH, CalibrationEntry, MagCacheConfig, ResampleMode, ScheduleInfo
 from magsdk.errors import UsageError
+from magsdk.planner import PlanValueError, check_count
 
 logger = logging.getLogger("magsdk")
 
 
+def check_ratios(name: str, curve: Sequence[float], least: int = 1) -> list[float]:
+    """``curve`` as floats, refused unless it has ``least`` values, all finite and > 0.
+
+    Ratios are ‖r_t‖/‖r_t-1‖: the mapping takes their logarithm and the cache multiplies them into an
+    accumulated error, so a 0, a negative or a NaN gave NaNs downstream (with numpy warnings) instead of an
+    error, and an empty curve an IndexError. ``MagCacheConfig`` checks its curves the same way.
+    """
+    try:
+        values = [float(v) for v in curve]
+    except (TypeError, ValueError) as exc:
+        raise PlanValueError(f"{name} must be a sequence of numbers (magnitude ratios), got {curve!r}") from exc
+    if len(values) < least:
+        raise PlanValueError(
+            f"{name} has {len(values)} value(s) but needs at least {least} (one magnitude ratio per step of the "
+            "calibrated run); pass a whole curve, e.g. one branch of a calibration's cal.result.curves()"
+        )
+    for index, value in enumerate(values):
+        if not math.isfinite(value) or value <= 0:
+            raise PlanValueError(
+                f"{name}[{index}] = {value!r} is not a finite positive number; magnitude ratios are "
+                "‖r_t‖/‖r_t-1‖ and must be > 0. Re-run calibration or fix the value"
+            )
+    return values
+
+
+def check_timesteps(name: str, timesteps: Sequence[float], least: int = 1) -> list[float]:
+    """``timesteps`` as floats, refused unless there are ``least`` and all are finite (a NaN made every mapped
+    ratio NaN)."""
+    try:
+        values = [float(t) for t in timesteps]
+    except (TypeError, ValueError) as exc:
+        raise PlanValueError(
+            f"{name} must be a sequence of numbers (one timestep per step), got {timesteps!r}"
+        ) from exc
+    if len(values) < least:
+        raise PlanValueError(f"{name} has {len(values)} value(s); give one timestep per step, at least {least}")
+    for index, value in enumerate(values):
+        if not math.isfinite(value):
+            raise PlanValueError(f"{name}[{index}] = {value!r} is not a finite number; give one timestep per step")
+    return values
+
+
 def resample_nearest(curve: Sequence[float], num_steps: int) -> list[float]:
     """Nearest-index resampling, ``idx = round(arange(n) * (L-1)/(n-1))`` (the original's and diffusers')."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = check_count("num_steps", num_steps, what="the steps of the run to resample onto")
+    curve = check_ratios("curve", curve)
     length = len(curve)
     if length == num_steps:
         return [float(v) for v in curve]
@@ -53,12 +96,13 @@ class TimestepMap:
     """
 
     def __init__(self, curve: Sequence[float], timesteps: Sequence[float]) -> None:
-        if len(curve) != len(timesteps):
-            raise ValueError(f"curve has {len(curve)} values but {len(timesteps)} timesteps")
-        if len(curve) < 2:
-            raise ValueError("a timestep map needs at least two steps")
-        self.curve = [float(v) for v in curve]
-        self.timesteps = [float(t) for t in timesteps]
+        self.curve = check_ratios("curve", curve, least=2)
+        self.timesteps = check_timesteps("timesteps", timesteps, least=2)
+        if len(self.curve) != len(self.timesteps):
+            raise PlanValueError(
+                f"curve has {len(self.curve)} values but {len(self.timesteps)} timesteps; give the timesteps the "
+                "curve was calibrated on, one per value"
+            )
         # Stored calibrations keep 5 decimals: a run's own timestep matches its stored value within this.
         self.tolerance = max(1e-5, 1e-8 * (max(self.timesteps) - min(self.timesteps)))
         logs = np.log(np.asarray(self.curve[1:], dtype=np.float64))
@@ -99,7 +143,7 @@ class TimestepMap:
 
     def map(self, timesteps: Sequence[float]) -> list[float]:
         """The curve on another schedule; its first value is the calibration's first (step 0 has no past)."""
-        values = [float(t) for t in timesteps]
+        values = check_timesteps("new_timesteps", timesteps)
         if self.same_schedule(values):
             return list(self.curve)
         pairs = itertools.pairwise(values)
@@ -226,6 +270,9 @@ class CurveSource:
     per_branch: bool = False
     resample: ResampleMode = "auto"
     retention_ratio: float = 0.2
+    #: Budget mode (``compute_steps`` / ``speedup``): the run's schedule is planned before its first call, so a
+    #: curve is always given one ratio per step where the run's step count is known (never mapped call by call).
+    budget: bool = False
     _warned: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -238,12 +285,12 @@ class CurveSource:
             return None
         steps = max(len(c) for c in config.mag_ratios.values())
         table = CurveTable(steps, dict(config.mag_ratios), config.timesteps, config.schedule, "config")
-        return cls([table], config.per_branch_curves, config.resample, config.retention_ratio)
+        return cls([table], config.per_branch_curves, config.resample, config.retention_ratio, _budget(config))
 
     @classmethod
     def from_entries(cls, entries: Sequence[CalibrationEntry], config: MagCacheConfig) -> CurveSource:
         tables = [CurveTable.from_entry(e) for e in entries]
-        return cls(tables, config.per_branch_curves, config.resample, config.retention_ratio)
+        return cls(tables, config.per_branch_curves, config.resample, config.retention_ratio, _budget(config))
 
     def uses_schedules(self) -> bool:
         """Whether a run's scheduler timesteps can change the curve (worth one read per generation)."""
@@ -296,6 +343,8 @@ class CurveSource:
                 )
             if table.timesteps is not None and len(table.timesteps) == len(raw):
                 tmap = TimestepMap(raw, table.timesteps)
+                if self.budget and run.num_steps is not None:
+                    return self._planned_by_argument(tmap, raw, source, run, retention_index)
                 how = f"{source} mapped online through the transformer's timestep argument, call by call"
                 return MappedCurve(None, how, None, tmap, retention_index, (), True, (tmap.low, tmap.high))
             if self.resample == "timesteps":
@@ -315,10 +364,52 @@ class CurveSource:
         )
         return MappedCurve(values, how, retention_steps(self.retention_ratio, run.num_steps))
 
+    def _planned_by_argument(
+        self, tmap: TimestepMap, raw: list[float], source: str, run: RunSchedule, retention_index: int
+    ) -> MappedCurve:
+        """A budget run's curve, one ratio per step, from a curve that recorded only the transformer's timestep
+        argument (a calibration of a bare transformer: no scheduler schedule).
+
+        Threshold mode maps such a curve call by call, from each call's argument; a budget is planned before
+        the first call, when the run's arguments are not known. It used to be refused even where the run's
+        step count was known (a pipeline, ``scheduler=``, ``num_inference_steps``). Now: through the run's
+        timesteps when they are in the argument's units (``magsdk.plan(..., timesteps=)`` on such a curve: the
+        source has no scheduler schedule, so the given timesteps are the loop's arguments); else the curve as
+        calibrated at its own step count; else nearest-index resampling, the rule for curves without timesteps.
+        """
+        assert run.num_steps is not None
+        n = run.num_steps
+        retained = retention_steps(self.retention_ratio, n)
+        if run.timesteps is not None and len(run.timesteps) == n and not self.uses_schedules():
+            values = tmap.map(run.timesteps)
+            how = (
+                f"{source} as calibrated (same timestep arguments)"
+                if tmap.same_schedule(run.timesteps)
+                else f"{source} mapped through the given timestep arguments onto {n} steps"
+            )
+            return MappedCurve(values, how, retained, None, retention_index, tuple(tmap.outside(run.timesteps)),
+                               True, (tmap.low, tmap.high))
+        later = "planned before the run, whose timestep arguments come with its calls"
+        if self.resample == "timesteps":
+            raise UsageError(
+                f"resample='timesteps' maps the {source} through timesteps, but a budget (compute_steps / speedup) "
+                f"is {later}, and this curve recorded the transformer's timestep argument only (no scheduler "
+                "schedule). Give the run's arguments (magsdk.plan(..., timesteps=...)), or recalibrate through the "
+                "pipeline (magsdk.calibrate(pipe) records its schedule), or use resample='auto' / 'index'"
+            )
+        if len(raw) == n:
+            return MappedCurve(list(raw), f"{source} as calibrated (a budget is {later})", retained)
+        values = resample_nearest(raw, n)
+        return MappedCurve(values, f"{source} resampled by nearest index to {n} steps (a budget is {later})", retained)
+
     def _note_index_fallback(self, source: str) -> None:
         if source not in self._warned:
             self._warned.add(source)
             logger.info("magsdk: the %s has no recorded timesteps; it is followed by step index", source)
+
+
+def _budget(config: MagCacheConfig) -> bool:
+    return config.compute_steps is not None or config.speedup is not None
 
 
 def _describe_schedule(schedule: ScheduleInfo) -> str:

@@ -86,6 +86,31 @@ class InfeasibleBudgetError(UsageError, ValueError):
     """A budget that no schedule can meet under the given constraints (the message names the range)."""
 
 
+class PlanValueError(UsageError, ValueError):
+    """A planning argument with a value out of its range (a ``ValueError`` too, as before it was a UsageError)."""
+
+
+class PlanTypeError(UsageError, TypeError):
+    """A planning argument of the wrong type (a ``TypeError`` too, as before it was a UsageError)."""
+
+
+def check_count(name: str, value: object, least: int = 1, what: str = "") -> int:
+    """``value`` as a plain int >= ``least``; a UsageError naming ``name`` and the value otherwise.
+
+    Step counts and budgets are counts: an integral numpy number (``np.int64(8)``, what array code hands
+    around) is one, and is returned as a plain int so that every later ``isinstance(n, int)`` holds; a bool,
+    a float (``8.0`` is refused too: a count that arrives as a float was usually computed, and may be 7.999)
+    or a string is not. ``what`` says what the count counts, for the message.
+    """
+    about = f"; it counts {what}" if what else ""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        hint = f"; pass int({value!r})" if isinstance(value, float) and value.is_integer() else ""
+        raise PlanTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}{about}{hint}")
+    if value < least:
+        raise PlanValueError(f"{name} must be an integer >= {least}, got {int(value)}{about}")
+    return int(value)
+
+
 class BudgetPlan(BaseModel):
     """The computed steps of one branch for an exact budget, and the constraints they satisfy."""
 
@@ -119,9 +144,8 @@ def budget_bounds(num_steps: int, max_skip_steps: int, retention_ratio: float) -
     the end of the run). With ``c`` computed among ``M`` free steps there are ``c + 1`` gaps of at
     most K skips each, so ``c ≥ (M − K) / (K + 1)``.
     """
-    _check_positive_int("num_steps", num_steps)
-    if max_skip_steps < 0:
-        raise ValueError(f"max_skip_steps must be >= 0, got {max_skip_steps}")
+    num_steps = check_count("num_steps", num_steps)
+    max_skip_steps = check_count("max_skip_steps", max_skip_steps, least=0)
     fixed = max(1, min(num_steps, retention_steps(retention_ratio, num_steps)))
     free = num_steps - fixed
     least = max(0, -(-(free - max_skip_steps) // (max_skip_steps + 1)))
@@ -139,9 +163,11 @@ def smallest_max_skip_steps(num_steps: int, budget: int, retention_ratio: float)
 
 def budget_from_speedup(num_steps: int, speedup: float) -> int:
     """``N / S`` rounded half up (like the retention step: a tie computes one step more), clamped to ``[1, N]``."""
-    _check_positive_int("num_steps", num_steps)
+    num_steps = check_count("num_steps", num_steps)
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float, np.integer, np.floating)):
+        raise PlanTypeError(f"speedup must be a number (N / computed steps), got {type(speedup).__name__} {speedup!r}")
     if not math.isfinite(speedup) or speedup <= 0:
-        raise ValueError(f"speedup must be a finite number > 0, got {speedup!r}")
+        raise PlanValueError(f"speedup must be a finite number > 0, got {speedup!r}")
     return min(num_steps, max(1, math.floor(num_steps / speedup + 0.5)))
 
 
@@ -188,13 +214,27 @@ def plan_budget(
     """
     n = len(curve)
     if n < 1:
-        raise ValueError("curve is empty; the planner needs one ratio per step of the run")
-    _check_positive_int("budget", budget)
-    if max_skip_steps is not None and (isinstance(max_skip_steps, bool) or max_skip_steps < 0):
-        raise ValueError(f"max_skip_steps must be an integer >= 0, got {max_skip_steps!r}")
+        raise PlanValueError("curve is empty; the planner needs one ratio per step of the run")
+    # checked here, not where they are used: a string failed deep in the bounds arithmetic (TypeError) and a
+    # float as an array index (IndexError), neither naming the argument
+    budget = check_count("budget", budget, what="the steps computed")
+    if max_skip_steps is not None:
+        max_skip_steps = check_count("max_skip_steps", max_skip_steps, least=0, what="the most skipped steps in a row")
+    if retention_ratio is not None and (
+        isinstance(retention_ratio, bool) or not isinstance(retention_ratio, (int, float, np.integer, np.floating))
+    ):
+        raise PlanTypeError(
+            f"retention_ratio must be a number in [0, 1), got {type(retention_ratio).__name__} {retention_ratio!r}"
+        )
     if retention_ratio is not None and not 0 <= retention_ratio < 1:
-        raise ValueError(f"retention_ratio must be in [0, 1), got {retention_ratio!r}")
+        raise PlanValueError(f"retention_ratio must be in [0, 1), got {retention_ratio!r}")
     ratios = _array("curve", curve, n, positive=True)
+    # per-step arrays are checked whether or not the chosen model reads them: one of another length is a mistake
+    for name, values in (("norm_stds", norm_stds), ("cos_dists", cos_dists), ("step_weights", step_weights)):
+        if values is not None:
+            _array(name, values, n)
+    if sigmas is not None:
+        _array("sigmas", sigmas, n, signed=True)
     r = PLANNER_RETENTION_RATIO if retention_ratio is None else retention_ratio
     k = max_skip_steps
     if k is None:
@@ -238,7 +278,7 @@ def step_terms(
     ``|z_j − (z_c + (z_c − z_p)·(x_j − x_c)/(x_c − x_p))| / |z_c|``.
     """
     if model not in ERROR_MODELS:
-        raise ValueError(f"error_model must be one of {', '.join(ERROR_MODELS)}; got {model!r}")
+        raise PlanValueError(f"error_model must be one of {', '.join(ERROR_MODELS)}; got {model!r}")
     n = curve.size
     log_norm = np.cumsum(np.log(curve))
     if cos_dists is not None:
@@ -263,7 +303,7 @@ def step_terms(
             x = np.arange(n, dtype=np.float64) if sigmas is None else _array("sigmas", sigmas, n, signed=True)
             dx = x[c] - x[p]
             if np.any((dx == 0) & (gaps > 0) & valid):
-                raise ValueError("sigmas must differ between steps; the forecast extrapolates in them")
+                raise PlanValueError("sigmas must differ between steps; the forecast extrapolates in them")
             back = np.exp(-(log_norm[c] - log_norm[p]) - 1j * (angle[c] - angle[p]))  # z_p / z_c
             slope = np.where(gaps > 0, (x[jc] - x[c]) / np.where(dx == 0, 1.0, dx), 0.0)
             slope = np.minimum(slope, FORECAST_REACH)  # the runtime holds the forecast past half the interval
@@ -272,7 +312,9 @@ def step_terms(
             terms = np.abs(w - 1.0)
             if model == "residual_std":
                 if norm_stds is None:
-                    raise ValueError("error_model='residual_std' needs norm_stds (one per step, from the calibration)")
+                    raise PlanValueError(
+                        "error_model='residual_std' needs norm_stds (one per step, from the calibration)"
+                    )
                 var = np.cumsum(_array("norm_stds", norm_stds, n) ** 2)
                 terms = np.sqrt(terms**2 + acc**2 * (var[jc] - var[c]))
     if step_weights is not None:
@@ -340,20 +382,15 @@ def _solve(terms: np.ndarray, n: int, budget: int, k: int, retention: int) -> tu
 def _array(name: str, values: Sequence[float], n: int, positive: bool = False, signed: bool = False) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.shape != (n,):
-        raise ValueError(f"{name} has {array.size} values but the run has {n} steps; map it onto the run first")
+        raise PlanValueError(f"{name} has {array.size} values but the run has {n} steps; map it onto the run first")
     bad = ~np.isfinite(array)
     if not signed:
         bad |= (array <= 0) if positive else (array < 0)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
         kind = "finite" if signed else "finite positive" if positive else "finite non-negative"
-        raise ValueError(f"{name}[{index}] = {float(array[index])!r} is not a {kind} number")
+        raise PlanValueError(f"{name}[{index}] = {float(array[index])!r} is not a {kind} number")
     return array
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _infeasible_message(
@@ -384,8 +421,11 @@ __all__ = [
     "BudgetPlan",
     "ErrorModel",
     "InfeasibleBudgetError",
+    "PlanTypeError",
+    "PlanValueError",
     "budget_bounds",
     "budget_from_speedup",
+    "check_count",
     "config_budget",
     "config_constraints",
     "largest_speedup",

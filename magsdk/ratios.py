@@ -22,12 +22,22 @@ from magsdk.curves import (
     CurveSource,
     MappedCurve,
     RunSchedule,
+    TimestepMap,
+    check_timesteps,
     resample_nearest,
     retention_steps,
     select_branch_curve,
 )
 from magsdk.errors import UsageError
-from magsdk.planner import BudgetPlan, config_budget, config_constraints, plan_budget, recommended_error_model
+from magsdk.planner import (
+    BudgetPlan,
+    PlanValueError,
+    check_count,
+    config_budget,
+    config_constraints,
+    plan_budget,
+    recommended_error_model,
+)
 
 _F32 = np.float32
 
@@ -50,9 +60,11 @@ __all__ = [
 def resample_by_timesteps(
     curve: Sequence[float], timesteps: Sequence[float], new_timesteps: Sequence[float]
 ) -> list[float]:
-    """Map a curve onto another schedule through its recorded timesteps (see ``magsdk.curves.TimestepMap``)."""
-    from magsdk.curves import TimestepMap
+    """Map a curve onto another schedule through its recorded timesteps (see ``magsdk.curves.TimestepMap``).
 
+    The curve must be ratios (finite, > 0) and the timesteps finite: the map takes logarithms, and a 0 or a NaN
+    came back as NaNs with numpy warnings instead of an error.
+    """
     return TimestepMap(curve, timesteps).map(new_timesteps)
 
 
@@ -119,8 +131,10 @@ class BranchSchedule:
         values = self.curve.values
         if values is None:
             raise UsageError(
-                "compute_steps / speedup plan a whole run, so they need its step count: run on a pipeline (its "
-                "scheduler says), or pass scheduler= to magsdk.enable, or MagCacheConfig(num_inference_steps=N)"
+                "compute_steps / speedup plan a whole run before its first call, so they need its step count, and "
+                "this run does not know it (a bare transformer whose loop steps no scheduler magsdk was given): "
+                "pass scheduler=<the scheduler your loop steps> to magsdk.enable, or "
+                "MagCacheConfig(num_inference_steps=N), or enable the cache on the pipeline (its scheduler says)"
             )
         budget = config_budget(self.config, len(values))
         assert budget is not None
@@ -209,7 +223,7 @@ RatiosLike = Sequence[float] | Mapping[str, Sequence[float]] | CalibrationResult
 
 def plan(
     mag_ratios: RatiosLike | None,
-    config: MagCacheConfig,
+    config: MagCacheConfig | None,
     num_steps: int,
     branch: str = DEFAULT_BRANCH,
     *,
@@ -220,7 +234,8 @@ def plan(
 ) -> SkipPlan:
     """Which steps of ``branch`` compute and which skip in a ``num_steps`` run.
 
-    ``mag_ratios`` takes every form ``MagCacheConfig.mag_ratios`` takes (``None``: the config's).
+    ``mag_ratios`` takes every form ``MagCacheConfig.mag_ratios`` takes (``None``: the config's); ``config``
+    None means ``MagCacheConfig()``'s defaults, as a run enabled without settings on a curve would use.
     ``timesteps`` are the run's timesteps in the units the calibration recorded (the scheduler's
     when it has a schedule); given, the curve is mapped through them as the runtime would. Left out
     for a calibration that recorded its schedule, the recorded scheduler is rebuilt at ``num_steps``
@@ -228,13 +243,25 @@ def plan(
     """
     if isinstance(mag_ratios, MagCacheConfig):
         config, mag_ratios = mag_ratios, None
+    if config is None:
+        config = MagCacheConfig()
+    elif not isinstance(config, MagCacheConfig):
+        # a dict failed as an AttributeError on model_fields_set, far from the cause; magsdk.enable says the same
+        hint = " (a dict: magsdk.MagCacheConfig(**settings))" if isinstance(config, Mapping) else ""
+        raise UsageError(
+            f"config must be a magsdk.MagCacheConfig or None (the defaults), got {type(config).__name__} "
+            f"{config!r}{hint}"
+        )
     constraints = config_constraints(config)  # what the user set, before the config is rebuilt below
     if mag_ratios is not None:
         values = config.model_dump(exclude={"mag_ratios", "timesteps", "schedule", "calibrate"})
         config = MagCacheConfig(**values, mag_ratios=mag_ratios)
     source = CurveSource.from_config(config)
     if source is None:
-        raise ValueError("plan() needs a curve: pass mag_ratios or a config that has them")
+        raise UsageError(
+            "plan() needs a curve: pass mag_ratios (a list of ratios, a dict branch -> list or a CalibrationResult) "
+            "or a MagCacheConfig that has them"
+        )
     return plan_source(
         source, config, num_steps, branch, position=position, timesteps=timesteps, module=module, first_step=first_step,
         constraints=constraints,
@@ -261,15 +288,19 @@ def plan_source(
     its step count (a bare transformer with neither a scheduler nor ``num_inference_steps``), which follows
     the curve as it is, one ratio per call.
     """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool):
-        raise TypeError(f"num_steps must be an int (the run's denoising steps), got {num_steps!r}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not isinstance(first_step, int) or not 0 <= first_step <= num_steps:
+    # an integral numpy number is a count too (plan_budget took np.int64 while plan refused it)
+    num_steps = check_count("num_steps", num_steps, what="the run's denoising steps")
+    integral = isinstance(first_step, (int, np.integer)) and not isinstance(first_step, bool)
+    if not integral or not 0 <= first_step <= num_steps:
         # num_steps itself: a second transformer whose boundary lies past the last step runs none of them
-        raise ValueError(f"first_step must be 0 .. {num_steps} for a {num_steps}-step run, got {first_step!r}")
-    if timesteps is not None and len(timesteps) != num_steps:
-        raise ValueError(f"{len(timesteps)} timesteps given for a {num_steps}-step run")
+        raise PlanValueError(f"first_step must be 0 .. {num_steps} for a {num_steps}-step run, got {first_step!r}")
+    first_step = int(first_step)
+    if timesteps is not None:
+        timesteps = check_timesteps("timesteps", timesteps)
+        if len(timesteps) != num_steps:
+            raise PlanValueError(
+                f"{len(timesteps)} timesteps given for a {num_steps}-step run; give one per step, or leave them out"
+            )
     if timesteps is None and source.uses_schedules():
         # no run to ask: rebuild the recorded scheduler at this step count (what a pipeline with it would set)
         from magsdk.schedules import timesteps_for
@@ -277,7 +308,8 @@ def plan_source(
         recorded = source.table_for(num_steps).schedule
         timesteps = timesteps_for(recorded, num_steps) if recorded is not None else None
     mapped = source.curve_for(branch, position, RunSchedule.of(num_steps if count_known else None, timesteps), module)
-    if mapped.values is None and timesteps is None:
+    budget_mode = config.compute_steps is not None or config.speedup is not None
+    if mapped.values is None and timesteps is None and not budget_mode:  # a budget's own error is BranchSchedule's
         raise UsageError(
             f"cannot plan {num_steps} steps without the run's timesteps: the curve is mapped call by call from the "
             f"transformer's timestep argument ({mapped.how}). Give the timesteps the loop passes (Python: "
