@@ -118,3 +118,19 @@ def test_a_calibration_of_a_traced_model_that_ran_nothing_says_what_to_run(tmp_p
         with magsdk.calibrate(net):
             pass
     assert "forward" not in net.__dict__
+
+
+def test_a_one_step_run_is_no_calibration_and_auto_calibration_lets_it_run(tmp_path: Path, monkeypatch):
+    from tiny_models import denoise
+
+    model = fresh_copy(tiny_flux())
+    with pytest.raises(magsdk.UsageError, match="a calibration needs a run of at least 2 steps"):
+        with magsdk.calibrate(model):
+            denoise(model, 1)
+    monkeypatch.setenv("MAGSDK_CACHE_DIR", str(tmp_path / "cache"))
+    config = magsdk.MagCacheConfig(auto_calibrate=True, num_inference_steps=1)
+    with magsdk.enable(model, config) as handle:  # it raised a pydantic error from the curve key (steps >= 2)
+        denoise(model, 1)
+        denoise(model, 1)
+        assert handle.stats.computed_calls == 2
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))

@@ -228,6 +228,11 @@ class CalibrationHandle(MagCacheHandle):
                 len(schedule) if schedule else None,
             )
         result.num_steps = max(len(b.norm_ratios) for b in result.branches.values())
+        if result.num_steps < 2:  # a ratio compares a step with the one before: one step gives no curve
+            raise UsageError(
+                f"a calibration needs a run of at least 2 steps; the generations in this `with magsdk.calibrate(...)` "
+                f"block ran {result.num_steps}. Run the pipeline at the step count you will use (num_inference_steps)"
+            )
         if self.link is not None:
             scheduler = self.link.scheduler  # the one the calibrated generations ran with (not looked up again)
             result.scheduler = type(scheduler).__name__

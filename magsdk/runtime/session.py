@@ -381,6 +381,9 @@ class CacheSession:
         """After a generation's first call: cache with a known curve, or go on measuring this generation."""
         assert self.auto is not None
         self._auto_pending = False
+        if position.num_steps is not None and position.num_steps < 2:
+            self._auto_key = None  # one step: computed in any case, and a curve needs two (nothing kept)
+            return
         key = self.auto.key(position.num_steps, self.image_tokens)
         self._auto_key = key
         source = self.auto.find(key)
