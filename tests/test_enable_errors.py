@@ -134,3 +134,11 @@ def test_a_one_step_run_is_no_calibration_and_auto_calibration_lets_it_run(tmp_p
         denoise(model, 1)
         assert handle.stats.computed_calls == 2
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "16"])
+def test_keep_generations_that_is_not_a_count_is_refused_with_what_it_means(bad):
+    model = fresh_copy(tiny_flux())
+    with pytest.raises(magsdk.UsageError, match="keep_generations= is how many recent generations"):
+        magsdk.enable(model, CONFIG, keep_generations=bad)
+    assert "forward" not in model.__dict__

@@ -272,6 +272,11 @@ def enable(
             "MagCacheConfig(calibrate=True) is what magsdk.calibrate uses: `with magsdk.calibrate(pipe) as cal: "
             "pipe(...)`, then read cal.result (magsdk.enable would record every step into nothing you can read)"
         )
+    if isinstance(keep_generations, bool) or not isinstance(keep_generations, int) or keep_generations < 1:
+        raise UsageError(
+            "keep_generations= is how many recent generations handle.stats keeps per-call records of (counters "
+            f"cover all of them): a whole number >= 1, got {_kind(keep_generations)}"
+        )
     if auto_calibrate and config is not None and not config.auto_calibrate:
         config = config.model_copy(update={"auto_calibrate": True})
     parallelism = Parallelism.of(parallel_group)
