@@ -71,3 +71,23 @@ def test_a_scheduler_deep_copied_during_a_run_is_its_own(pipe):
         assert magsdk_attrs(audio) == []
         assert torch.equal(generate(pipe), expected)
         assert handle.stats.computed_steps(generation=1) == handle.stats.computed_steps(generation=0)
+
+
+def test_a_disabled_handle_kept_for_its_statistics_does_not_keep_the_pipeline_alive():
+    """The handle follows ``pipe.scheduler`` while enabled; once disabled it must not hold the pipeline (and its
+    weights) for as long as the user keeps the handle around for its numbers."""
+    import gc
+    import weakref
+
+    from magsdk.reference.components import build_pipeline
+
+    pipe = build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    handle = magsdk.enable(pipe, CONFIG)
+    generate(pipe)
+    handle.disable()
+    alive = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert alive() is None
+    assert handle.stats.computed_calls > 0 and handle.scheduler is not None  # what was measured stays readable

@@ -13,7 +13,7 @@ import torch
 
 from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, MagCacheConfig
 from magsdk.curves import CurveSource
-from magsdk.errors import BlockLayoutError, UsageError
+from magsdk.errors import BlockLayoutError, MagSDKError, UsageError
 from magsdk.patching import Patches
 from magsdk.planner import config_constraints
 from magsdk.ratios import Constraints, SkipPlan, plan_source
@@ -153,7 +153,19 @@ class MagCacheHandle:
             session.detach()
         self._patches.restore()
         self.sessions.clear()
+        if self.link is not None:
+            self.link.release()
+        self._release_target()
         self.active = False
+
+    def _release_target(self) -> None:
+        """A handle kept for its statistics must not keep the pipeline (and its weights) alive: the strategy
+        recognises its variant from the pipeline, so it settles that now and lets the pipeline go."""
+        try:
+            self.strategy.resolved_variant()
+        except MagSDKError:  # nothing to recognise it from any more than before: it stays unresolved
+            pass
+        self.strategy.target = None
 
     def __enter__(self) -> MagCacheHandle:
         return self

@@ -43,6 +43,12 @@ class SchedulerLink:
     def subscribe(self, listener: GenerationListener) -> None:
         self._listeners.append(listener)
 
+    def release(self) -> None:
+        """Stop following (the handle was disabled): a handle kept for its statistics must not keep the
+        pipeline, and its weights, alive."""
+        self.pipeline = None
+        self._listeners.clear()
+
     def current(self) -> Any:
         """The scheduler runs step by now: for a pipeline, its ``scheduler`` attribute as it is at this moment."""
         pipeline = self.pipeline
