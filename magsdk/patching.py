@@ -9,18 +9,20 @@ is removed again, not set to the class's function. If somebody else wrapped the 
 us (accelerate's offload hooks, diffusers' hook registry), their wrapper is left in place — and
 ``restore`` reports ``False`` for it, so that the caller can make its own wrapper a pass-through.
 
-A patched object also gets an instance ``__deepcopy__`` for as long as it carries a patch:
-``copy.deepcopy`` of it (LTX2 pipelines deep-copy their scheduler for the audio stream; users
-deep-copy pipelines) makes the copy from the object as it was before magsdk touched it. Without it
-the copy would carry magsdk's wrappers, closures over the *original* object: the copy's
-``set_timesteps`` would set up the original scheduler, the copy's ``forward`` run the original
-transformer. A deep copy is a plain object; enable magsdk on it if it should be cached.
+What is patched in is a ``PatchedCall``, not a bare function, because magsdk's wrappers close
+over the *original* object: a deep copy that carried one would set up the original scheduler
+(LTX2 pipelines deep-copy their scheduler for the audio stream) or run the original transformer.
+``copy.deepcopy`` of a ``PatchedCall`` made while its object is being copied gives the copy its
+own attribute back — the one magsdk replaced, or the class's method — also where another library
+kept ours (accelerate's offload hook keeps the forward it wrapped as ``_old_forward``). So a deep
+copy of a pipeline, transformer or scheduler magsdk patched is a plain object.
 This module imports only the standard library (see docs/design.md, "Patching").
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,51 +34,30 @@ MARK = "__magsdk_patch__"
 _ABSENT = object()
 
 
-_DEEPCOPY = "__deepcopy__"
+class PatchedCall:
+    """A patched-in callable: calls ``fn``; a deep copy of its object gets its own, unpatched attribute.
 
+    One more Python frame per call than a bare function: the price of being copyable.
+    """
 
-class _CopyUnpatched:
-    """``obj.__deepcopy__`` while magsdk has patched ``obj``: deep copies are made of the unpatched object."""
-
-    def __init__(self, obj: Any, previous: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], obj: Any, attr: str, previous: Any, owner: str) -> None:
+        functools.update_wrapper(self, fn)  # name, docstring, and inspect.signature through __wrapped__
+        self.fn = fn
         self.obj = obj
-        self.previous = previous  # an instance __deepcopy__ the object had before ours, or _ABSENT
-        #: attribute -> (the value magsdk set, the value it replaced or _ABSENT), per patch in place.
-        self.attrs: dict[str, tuple[Any, Any]] = {}
+        self.attr = attr
+        self.previous = previous
+        setattr(self, MARK, owner)
 
-    def __call__(self, memo: dict[int, Any]) -> Any:
-        state = self.obj.__dict__
-        saved: dict[str, Any] = {}
-        for attr, (value, previous) in [*self.attrs.items(), (_DEEPCOPY, (self, self.previous))]:
-            if state.get(attr, _ABSENT) is not value:
-                continue  # somebody wrapped ours since: theirs is theirs to copy
-            saved[attr] = state.pop(attr)
-            if previous is not _ABSENT:
-                state[attr] = previous
-        try:
-            return copy.deepcopy(self.obj, memo)
-        finally:
-            state.update(saved)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
 
-
-def _guard(obj: Any) -> _CopyUnpatched:
-    guard = obj.__dict__.get(_DEEPCOPY, _ABSENT)
-    if not isinstance(guard, _CopyUnpatched) or guard.obj is not obj:
-        guard = _CopyUnpatched(obj, guard)
-        obj.__dict__[_DEEPCOPY] = guard
-    return guard
-
-
-def _unguard(obj: Any, attr: str) -> None:
-    guard = obj.__dict__.get(_DEEPCOPY)
-    if not isinstance(guard, _CopyUnpatched) or guard.obj is not obj:
-        return
-    guard.attrs.pop(attr, None)
-    if not guard.attrs:
-        if guard.previous is _ABSENT:
-            del obj.__dict__[_DEEPCOPY]
-        else:
-            obj.__dict__[_DEEPCOPY] = guard.previous
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        twin = memo.get(id(self.obj))
+        if twin is None:  # copied apart from its object (from a shallow copy's dict): nothing to rebind to
+            return self
+        if self.previous is not _ABSENT:
+            return copy.deepcopy(self.previous, memo)
+        return getattr(type(twin), self.attr).__get__(twin, type(twin))
 
 
 class DoublePatchError(UsageError):
@@ -108,8 +89,7 @@ class Patches:
                 f"{type(obj).__name__}.{attr} is already patched by magsdk ({owner}); disable that handle "
                 f"(handle.disable() or leave its `with` block) before {self.owner} patches it again"
             )
-        setattr(value, MARK, self.owner)
-        self._set(obj, attr, value)
+        self._set(obj, attr, PatchedCall(value, obj, attr, current, self.owner))
 
     def set_value(self, obj: Any, attr: str, value: Any) -> None:
         """Set a plain (unmarked) instance attribute, removed or restored with the patches."""
@@ -117,14 +97,12 @@ class Patches:
 
     def _set(self, obj: Any, attr: str, value: Any) -> None:
         previous = obj.__dict__.get(attr, _ABSENT)
-        _guard(obj).attrs[attr] = (value, previous)
         obj.__dict__[attr] = value
         self._saved.append((obj, attr, previous, value))
 
     @staticmethod
     def _put_back(obj: Any, attr: str, previous: Any, value: Any) -> bool:
         """Undo one patch; False if somebody wrapped ours since (theirs stays, ours must pass through)."""
-        _unguard(obj, attr)
         if obj.__dict__.get(attr, _ABSENT) is not value:
             return False
         if previous is _ABSENT:

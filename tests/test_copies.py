@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import magsdk
+from magsdk.patching import patch_owner
 from strategies.flux import VARIANTS
 
 FLUX_RATIOS = VARIANTS[0]["calibrations"][0]["branches"]["default"]
 CONFIG = magsdk.MagCacheConfig(mag_ratios=FLUX_RATIOS, threshold=0.24, max_skip_steps=5, retention_ratio=0.1)
-MAGSDK_ATTRS = ("forward", "cache_context", "set_timesteps", "_magsdk_session", "__deepcopy__")
 
 
 @pytest.fixture()
@@ -39,7 +39,9 @@ def generate(pipe: Any, steps: int = 12) -> torch.Tensor:
 
 
 def magsdk_attrs(obj: Any) -> list[str]:
-    return [name for name in MAGSDK_ATTRS if name in obj.__dict__]
+    """The instance attributes that are magsdk's: patched-in calls, and the marker of the handle."""
+    return [name for name, value in obj.__dict__.items()
+            if patch_owner(value) is not None or (name == "_magsdk_session" and value is not None)]
 
 
 def test_a_deep_copy_of_an_enabled_pipeline_is_a_plain_pipeline_with_its_own_weights(pipe):
@@ -58,7 +60,32 @@ def test_a_deep_copy_of_an_enabled_pipeline_is_a_plain_pipeline_with_its_own_wei
     assert handle.stats.computed_steps(generation=1) == handle.stats.computed_steps(generation=0)
     assert handle.sessions[0].tracker.probe is not None  # still steps by the scheduler, no tensor reads
     handle.disable()
-    assert magsdk_attrs(pipe.transformer) == [] and magsdk_attrs(pipe.scheduler) == []
+    assert not {"forward", "cache_context", "_magsdk_session"} & pipe.transformer.__dict__.keys()
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+
+
+def test_a_deep_copy_made_after_accelerate_wrapped_magsdk_runs_its_own_weights(pipe):
+    """accelerate's offload hook, added after enable, keeps magsdk's forward as ``_old_forward``: the copy's hook
+    called the original transformer through the original's cache."""
+    captured: list[dict[str, Any]] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: captured.append(dict(kwargs)) if not captured else None, with_kwargs=True
+    )
+    handle = magsdk.enable(pipe, CONFIG)
+    pipe.enable_model_cpu_offload(device="cpu")
+    generate(pipe)
+    hook.remove()
+    twin = copy.deepcopy(pipe.transformer)
+    assert patch_owner(twin.__dict__.get("_old_forward")) is None
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.zero_()
+    calls = handle.stats.total_calls
+    with torch.no_grad():
+        out = twin(**captured[0])[0]
+    assert float(out.abs().sum()) == 0.0  # zeroed weights: the copy's own ran
+    assert handle.stats.total_calls == calls  # and the original's cache saw nothing
+    handle.disable()
 
 
 def test_a_scheduler_deep_copied_during_a_run_is_its_own(pipe):
@@ -91,3 +118,21 @@ def test_a_disabled_handle_kept_for_its_statistics_does_not_keep_the_pipeline_al
     gc.collect()
     assert alive() is None
     assert handle.stats.computed_calls > 0 and handle.scheduler is not None  # what was measured stays readable
+
+
+def test_an_enabled_pipeline_given_a_scheduler_another_handle_follows_keeps_running():
+    """Two enabled pipelines, then one's scheduler given to the other: following it raised DoublePatchError
+    from inside the transformer call (the other handle had wrapped its set_timesteps)."""
+    from magsdk.reference.components import build_pipeline
+
+    first, second = build_pipeline(seed=0), build_pipeline(seed=1)
+    for each in (first, second):
+        each.set_progress_bar_config(disable=True)
+    with magsdk.enable(first, CONFIG) as handle, magsdk.enable(second, CONFIG):
+        generate(first)
+        expected = handle.stats.computed_steps(generation=0)
+        first.scheduler = second.scheduler
+        generate(first)
+        generate(first)
+        assert handle.stats.computed_steps(generation=1) == handle.stats.computed_steps(generation=2) == expected
+        assert handle.sessions[0].tracker.probe is not None  # still steps by the scheduler: no tensor reads

@@ -142,3 +142,11 @@ def test_keep_generations_that_is_not_a_count_is_refused_with_what_it_means(bad)
     with pytest.raises(magsdk.UsageError, match="keep_generations= is how many recent generations"):
         magsdk.enable(model, CONFIG, keep_generations=bad)
     assert "forward" not in model.__dict__
+
+
+def test_keep_generations_takes_a_numpy_int():
+    import numpy as np
+
+    model = fresh_copy(tiny_flux())
+    with magsdk.enable(model, CONFIG, keep_generations=np.int64(4)) as handle:
+        assert handle.stats.keep_generations == 4

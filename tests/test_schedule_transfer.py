@@ -213,6 +213,31 @@ def test_handle_plan_of_a_step_count_that_is_not_one_says_so(pipe, bad):
         handle.plan(bad)
 
 
+def test_after_a_run_stepped_by_another_scheduler_the_pipelines_own_runs_step_by_its_scheduler_again(pipe, caplog):
+    """An img2img pipeline made with from_pipe keeps the old scheduler when the text-to-image one is given a new
+    one: its run is tracked by timesteps (with a warning). The fallback used to last until the next swap: every
+    later generation of the pipeline itself paid a host read per call."""
+    import numpy as np
+    import PIL.Image
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = copy.copy(pipe)
+    pipe.scheduler = copy.deepcopy(pipe.scheduler)
+    call = dict(height=32, width=32, max_sequence_length=16, output_type="latent")
+    with magsdk.enable(pipe) as handle, torch.no_grad():
+        img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+        img2img.set_progress_bar_config(disable=True)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        with caplog.at_level(logging.WARNING, logger="magsdk"):
+            img2img("a cat", image=image, strength=0.6, num_inference_steps=8, **call)
+        assert "is not the one stepping this run" in caplog.text
+        assert handle.sessions[0].tracker.probe is None  # that run: by its timesteps
+        pipe("a cat", num_inference_steps=8, generator=torch.Generator().manual_seed(0), **call)
+        assert handle.sessions[0].tracker.probe is not None  # the pipeline's own run: by its scheduler again
+        assert handle.plan(8).computed_steps == handle.stats.computed_steps()
+
+
 def test_a_run_outside_the_calibrated_range_warns_once_with_the_numbers(pipe, calibration, caplog):
     config = magsdk.MagCacheConfig(mag_ratios=calibration, threshold=0.12)
     with caplog.at_level(logging.WARNING, logger="magsdk"), magsdk.enable(pipe, config):

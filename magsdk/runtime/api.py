@@ -33,6 +33,20 @@ logger = logging.getLogger("magsdk")
 _SESSION_ATTR = "_magsdk_session"
 
 MetadataSource = InspectionReport | Mapping[str, BlockMetadata]
+
+
+class _HandleMarker:
+    """``transformer._magsdk_session``: the handle caching it, found again by the next ``enable`` (which replaces
+    it). A deep copy of the transformer is a plain model (its patched attributes come back unpatched,
+    magsdk.patching.PatchedCall), so its marker copies to None instead of dragging a copy of the handle along."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: MagCacheHandle) -> None:
+        self.handle = handle
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
 StrategySource = MagCacheStrategy | type[MagCacheStrategy] | str
 
 
@@ -284,7 +298,7 @@ def enable(
             "MagCacheConfig(calibrate=True) is what magsdk.calibrate uses: `with magsdk.calibrate(pipe) as cal: "
             "pipe(...)`, then read cal.result (magsdk.enable would record every step into nothing you can read)"
         )
-    if isinstance(keep_generations, bool) or not isinstance(keep_generations, int) or keep_generations < 1:
+    if isinstance(keep_generations, bool) or not isinstance(keep_generations, numbers.Integral) or keep_generations < 1:
         raise UsageError(
             "keep_generations= is how many recent generations handle.stats keeps per-call records of (counters "
             f"cover all of them): a whole number >= 1, got {_kind(keep_generations)}"
@@ -293,7 +307,8 @@ def enable(
         config = config.model_copy(update={"auto_calibrate": True})
     parallelism = Parallelism.of(parallel_group)
     return _attach(
-        target, config, strategy, metadata, scheduler, MagCacheHandle, keep_generations, auto_calibrate, parallelism
+        target, config, strategy, metadata, scheduler, MagCacheHandle, int(keep_generations), auto_calibrate,
+        parallelism,
     )
 
 
@@ -598,9 +613,9 @@ def _attach(
         attachments.append((name, transformer, resolved, *_config_and_curves(resolved, config), meta, False))
     try:
         for _, transformer, *_ in attachments:  # a handle already here goes first (it patched the scheduler too)
-            previous = transformer.__dict__.get(_SESSION_ATTR)
-            if previous is not None:
-                previous.disable()
+            marker = transformer.__dict__.get(_SESSION_ATTR)
+            if isinstance(marker, _HandleMarker):
+                marker.handle.disable()
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             link = SchedulerLink(scheduler, target if followed else None, patches)
         for name, transformer, strategy, resolved_config, curves, meta, traced in attachments:
@@ -634,7 +649,7 @@ def _attach(
     if link is not None:
         link.subscribe(functools.partial(_start_generation, handle))
     for _, transformer in transformers:
-        patches.set_value(transformer, _SESSION_ATTR, handle)
+        patches.set_value(transformer, _SESSION_ATTR, _HandleMarker(handle))
     if handle.blocks:
         logger.info("magsdk: MagCache on %s", ", ".join(handle.blocks[:1] + handle.blocks[-1:]))
     else:
@@ -731,5 +746,5 @@ def _start_generation(handle: MagCacheHandle, passed: dict[str, Any], swapped: b
     for session in handle.sessions:
         session.reset()
         session.set_timesteps_kwargs = passed
-        if swapped and handle.link is not None:
+        if handle.link is not None:  # the scheduler runs are set up on: followed again after a fallback
             session.tracker.probe = handle.link.probe

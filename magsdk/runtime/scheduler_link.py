@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from magsdk.patching import Patches
+from magsdk.patching import DoublePatchError, Patches
 from magsdk.runtime.steps import SchedulerProbe, scheduler_probe
 
 logger = logging.getLogger("magsdk")
@@ -66,9 +66,9 @@ class SchedulerLink:
         self._patches.restore_one(self.scheduler, "set_timesteps")
         self.scheduler = scheduler
         self.probe = scheduler_probe(scheduler)
-        self._wrap(scheduler)
         # its set_timesteps ran before magsdk saw it: the generation starts here, set up in a way nobody recorded
         self._tell({}, True)
+        self._wrap(scheduler)
 
     def _wrap(self, scheduler: Any) -> None:
         set_timesteps = getattr(scheduler, "set_timesteps", None)
@@ -80,7 +80,13 @@ class SchedulerLink:
             self._tell({k: v for k, v in kwargs.items() if k in ("mu", "sigmas")}, False)
             return set_timesteps(*args, **kwargs)
 
-        self._patches.patch(scheduler, "set_timesteps", wrapper)
+        try:
+            self._patches.patch(scheduler, "set_timesteps", wrapper)
+        except DoublePatchError:
+            # another handle's pipeline shares this scheduler and wrapped it: its generations still start where
+            # its step index goes back to 0, so it is followed without a wrapper of our own
+            logger.info("magsdk: the new scheduler is already followed by another handle; generations are told "
+                        "apart by its step index")
 
     def _tell(self, passed: dict[str, Any], swapped: bool) -> None:
         for listener in self._listeners:

@@ -155,10 +155,11 @@ class StepTracker:
         on one step (each taken for another CFG branch), so nothing would ever be skipped.
         """
         logger.warning(
-            "magsdk: the scheduler magsdk follows is not the one stepping this run: %s. From this call on, steps "
-            "are told apart by each call's timestep instead (one device→host read per call)%s. Fix: pass the "
-            "scheduler your loop calls set_timesteps and step on to magsdk.enable(..., scheduler=...), or leave "
-            "scheduler= out",
+            "magsdk: the scheduler magsdk follows is not the one stepping this run: %s. Until that scheduler sets up "
+            "a run again, steps are told apart by each call's timestep (one device→host read per call)%s. If you "
+            "passed scheduler= to magsdk.enable, pass the one your loop calls set_timesteps and step on (or leave "
+            "it out); on a pipeline magsdk follows pipe.scheduler, so a run stepped by another scheduler (a "
+            "pipeline made with from_pipe whose scheduler was replaced since) is tracked this way",
             why,
             f"; the {misplaced} calls before were all placed on one step and computed" if misplaced > 1 else "",
         )
