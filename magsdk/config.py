@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,21 @@ OutputKind = Literal["tensor", "tuple", "list", "dict", "dataclass"]
 ResampleMode = Literal["auto", "timesteps", "index"]
 ReuseMode = Literal["auto", "residual", "scaled", "forecast"]
 FusedOrder = Literal["text_image", "image_text"]
+
+
+def check_probes(field: str, values: Sequence[float], num_steps: int) -> None:
+    """Between-step probes: P finite log growths per step but the last (P >= 1), flattened."""
+    if not values:
+        return
+    intervals = num_steps - 1
+    if intervals < 1 or len(values) % intervals:
+        raise ValueError(
+            f"{field} has {len(values)} values, not a multiple of the curve's {intervals} steps between its "
+            f"{num_steps} steps (P probes per step but the last); give the probes of the same calibration"
+        )
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{field}[{bad[0]}] = {values[bad[0]]!r} is not a finite number")
 
 
 def _check_curve(field: str, values: list[float]) -> list[float]:
@@ -121,6 +137,10 @@ class BranchCalibration(BaseModel):
     #: Standard deviation of each norm ratio across the calibration runs (prompts × seeds), population (÷ n).
     norm_ratio_spread: list[float] = Field(default_factory=list)
     num_runs: int = 1
+    #: Between-step probes (``magsdk.calibrate(..., probes=P)``): for each step i but the last, the log growth of the
+    #: residual norm from step i's timestep to P evenly spaced timesteps up to step i+1's, measured on step i's
+    #: latent; flattened, P values per step. Empty when not probed (docs/design.md, "Probes").
+    probes: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _lengths_match(self) -> BranchCalibration:
@@ -129,6 +149,7 @@ class BranchCalibration(BaseModel):
             values = getattr(self, name)
             if values and len(values) != n:
                 raise ValueError(f"{name} has {len(values)} values but norm_ratios has {n}")
+        check_probes("probes", self.probes, n)
         return self
 
 
@@ -154,6 +175,12 @@ class CalibrationResult(BaseModel):
 
     def curves(self) -> dict[str, list[float]]:
         return {name: list(b.norm_ratios) for name, b in self.branches.items()}
+
+    def probe_curves(self) -> dict[str, list[float]] | None:
+        """Every branch's between-step probes, or None unless all branches were probed."""
+        if not self.branches or not all(b.probes for b in self.branches.values()):
+            return None
+        return {name: list(b.probes) for name, b in self.branches.items()}
 
     def argument_timesteps(self) -> list[float] | None:
         """The transformer's timestep argument per step (the first branch that recorded them all)."""
@@ -314,6 +341,9 @@ class MagCacheConfig(BaseModel):
     timesteps: list[float] | None = None
     #: The schedule the curve was measured on (filled from a CalibrationResult).
     schedule: ScheduleInfo | None = None
+    #: Between-step probes per branch (filled from a CalibrationResult calibrated with ``probes=P``): the curve's
+    #: shape between its steps, used when it is mapped through timesteps.
+    probes: dict[str, list[float]] | None = None
     #: Budget mode: compute exactly this many steps per branch in every run (the threshold is unused).
     compute_steps: int | None = None
     #: Budget mode: compute ``N / speedup`` of a run's N steps (rounded half up, clamped to [1, N]).
@@ -339,6 +369,7 @@ class MagCacheConfig(BaseModel):
             data = dict(data)
             data.setdefault("timesteps", result.argument_timesteps())
             data.setdefault("schedule", result.schedule)
+            data.setdefault("probes", result.probe_curves())
         return data
 
     @field_validator("mag_ratios", mode="before")
@@ -420,6 +451,20 @@ class MagCacheConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _check_probes(self) -> MagCacheConfig:
+        if not self.probes:
+            return self
+        if self.mag_ratios is None or set(self.probes) != set(self.mag_ratios):
+            raise ValueError(
+                f"probes are given for branches {sorted(self.probes)} but mag_ratios has "
+                f"{sorted(self.mag_ratios or {})}; pass a CalibrationResult as mag_ratios (it brings its own probes) "
+                "or leave probes out"
+            )
+        for name, values in self.probes.items():
+            check_probes(f"probes[{name!r}]", values, len(self.mag_ratios[name]))
+        return self
+
+    @model_validator(mode="after")
     def _check_budget(self) -> MagCacheConfig:
         """Budget settings exclude each other and calibration; an explicit step count is checked now.
 
@@ -488,6 +533,8 @@ class CalibrationEntry(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
     #: The schedule the curve was measured on (scheduler timesteps, shift, resolution); absent in old entries.
     schedule: ScheduleInfo | None = None
+    #: Between-step probes per branch (``BranchCalibration.probes``); absent unless calibrated with probes.
+    probes: dict[str, list[float]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> CalibrationEntry:
@@ -499,6 +546,10 @@ class CalibrationEntry(BaseModel):
                 raise ValueError(
                     f"branches[{name!r}] has {len(curve)} values but num_steps is {self.num_steps}"
                 )
+        if self.probes and set(self.probes) != set(self.branches):
+            raise ValueError(f"probes name branches {sorted(self.probes)}, the curves {sorted(self.branches)}")
+        for name, values in self.probes.items():
+            check_probes(f"probes[{name!r}]", values, self.num_steps)
         return self
 
 

@@ -95,7 +95,9 @@ class TimestepMap:
     bit for bit and threshold decisions cannot drift.
     """
 
-    def __init__(self, curve: Sequence[float], timesteps: Sequence[float]) -> None:
+    def __init__(
+        self, curve: Sequence[float], timesteps: Sequence[float], probes: Sequence[float] | None = None
+    ) -> None:
         self.curve = check_ratios("curve", curve, least=2)
         self.timesteps = check_timesteps("timesteps", timesteps, least=2)
         if len(self.curve) != len(self.timesteps):
@@ -116,12 +118,41 @@ class TimestepMap:
             rate = (cumulative[2] - cumulative[1]) / (self.timesteps[2] - self.timesteps[1])
             cumulative[0] = cumulative[1] - rate * (self.timesteps[1] - self.timesteps[0])
             self.startup = float(cumulative[0])
-        order = np.argsort(np.asarray(self.timesteps))
-        self._xs = np.asarray(self.timesteps, dtype=np.float64)[order]
-        self._ys = cumulative[order]
+        xs, ys = np.asarray(self.timesteps, dtype=np.float64), cumulative
+        if probes:
+            xs, ys = self._probed(cumulative, probes)
+        order = np.argsort(xs, kind="stable")
+        self._xs = xs[order]
+        self._ys = ys[order]
         #: +1 when the calibration's timesteps rise from step to step, -1 when they fall (the usual case).
         self.direction = 1.0 if self.timesteps[-1] > self.timesteps[0] else -1.0
         self.low, self.high = float(self._xs[0]), float(self._xs[-1])
+
+    def _probed(self, cumulative: np.ndarray, probes: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """The cumulative log-ratio between the calibrated steps too, shaped by the between-step probes.
+
+        Inside step i's interval the probes give the growth along the noise level at step i's latent; the
+        latent's own change over the interval is spread linearly on top, so that the growth over the whole
+        interval stays the calibrated ratio (the curve's own schedule maps to itself, and the probes only
+        place the growth inside each interval). The first interval is the probes' alone: its ratio's rest is
+        the start-up jump, kept whole at a run's first step as without probes (docs/design.md, "Probes").
+        """
+        intervals = len(self.curve) - 1
+        per = len(probes) // intervals
+        shape = np.asarray(probes, dtype=np.float64).reshape(intervals, per)
+        cumulative = cumulative.copy()
+        cumulative[0] = cumulative[1] - shape[0, -1]
+        self.startup = float(cumulative[0])
+        ts = np.asarray(self.timesteps, dtype=np.float64)
+        fractions = np.arange(1, per + 1, dtype=np.float64) / per
+        xs, ys = [ts[:1]], [cumulative[:1]]
+        for i in range(intervals):
+            start, growth = cumulative[i], cumulative[i + 1] - cumulative[i]
+            inside = start + shape[i] + fractions * (growth - shape[i, -1])
+            inside[-1] = cumulative[i + 1]  # the calibrated point itself, exactly
+            xs.append(ts[i] + fractions * (ts[i + 1] - ts[i]))
+            ys.append(inside)
+        return np.concatenate(xs), np.concatenate(ys)
 
     def _index(self, timestep: float) -> int | None:
         position = int(np.argmin(np.abs(np.asarray(self.timesteps) - timestep)))
@@ -207,12 +238,14 @@ class CurveTable:
     timesteps: list[float] | None = None
     schedule: ScheduleInfo | None = None
     label: str = ""
+    #: Between-step probes per branch (``magsdk.calibrate(..., probes=P)``), when the calibration made them.
+    probes: dict[str, list[float]] | None = None
 
     @classmethod
     def from_entry(cls, entry: CalibrationEntry) -> CurveTable:
         recorded = entry.timesteps
         stamps = [float(t) for t in recorded if t is not None] if recorded and None not in recorded else None
-        return cls(entry.num_steps, dict(entry.branches), stamps, entry.schedule, entry.source)
+        return cls(entry.num_steps, dict(entry.branches), stamps, entry.schedule, entry.source, entry.probes or None)
 
 
 def retention_steps(retention_ratio: float, num_steps: int) -> int:
@@ -284,7 +317,7 @@ class CurveSource:
         if config.mag_ratios is None:
             return None
         steps = max(len(c) for c in config.mag_ratios.values())
-        table = CurveTable(steps, dict(config.mag_ratios), config.timesteps, config.schedule, "config")
+        table = CurveTable(steps, dict(config.mag_ratios), config.timesteps, config.schedule, "config", config.probes)
         return cls([table], config.per_branch_curves, config.resample, config.retention_ratio, _budget(config))
 
     @classmethod
@@ -309,6 +342,20 @@ class CurveSource:
             return mean_curve(list(curves.values()))
         return select_branch_curve(curves, branch, position)
 
+    def raw_probes(self, table: CurveTable, branch: str, position: int, module: str = "transformer"
+                   ) -> list[float] | None:
+        """The probes that go with ``raw_curve`` (their mean where the curves' mean is followed), if any."""
+        if not table.probes:
+            return None
+        probes = module_curves(table.probes, module)
+        if not self.per_branch:
+            lengths = {len(p) for p in probes.values()}
+            if len(lengths) != 1:
+                return None
+            return [sum(values) / len(values) for values in zip(*probes.values(), strict=True)]
+        name = branch_curve_name(module_curves(table.branches, module), branch, position)
+        return list(probes[name]) if name in probes else None
+
     # -- mapping ---------------------------------------------------------------------------------
     def curve_for(
         self, branch: str, position: int, run: RunSchedule, module: str = "transformer"
@@ -323,8 +370,11 @@ class CurveSource:
             if chosen not in (branch, DEFAULT_BRANCH):
                 source += f" of branch {chosen!r} (the curves have no {branch!r}; taken by call position)"
         if self.resample != "index":
+            probes = self.raw_probes(table, branch, position, module)
+            if probes:
+                source += f" (shaped by {len(probes) // (len(raw) - 1)} probes per step)"
             if run.timesteps is not None and table.schedule is not None and len(table.schedule.timesteps) == len(raw):
-                tmap = TimestepMap(raw, table.schedule.timesteps)
+                tmap = TimestepMap(raw, table.schedule.timesteps, probes)
                 values = tmap.map(run.timesteps)
                 same = tmap.same_schedule(run.timesteps)
                 how = (
@@ -342,7 +392,7 @@ class CurveSource:
                     (tmap.low, tmap.high),
                 )
             if table.timesteps is not None and len(table.timesteps) == len(raw):
-                tmap = TimestepMap(raw, table.timesteps)
+                tmap = TimestepMap(raw, table.timesteps, probes)
                 if self.budget and run.num_steps is not None:
                     return self._planned_by_argument(tmap, raw, source, run, retention_index)
                 how = f"{source} mapped online through the transformer's timestep argument, call by call"

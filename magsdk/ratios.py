@@ -254,7 +254,7 @@ def plan(
         )
     constraints = config_constraints(config)  # what the user set, before the config is rebuilt below
     if mag_ratios is not None:
-        values = config.model_dump(exclude={"mag_ratios", "timesteps", "schedule", "calibrate"})
+        values = config.model_dump(exclude={"mag_ratios", "timesteps", "schedule", "probes", "calibrate"})
         config = MagCacheConfig(**values, mag_ratios=mag_ratios)
     source = CurveSource.from_config(config)
     if source is None:

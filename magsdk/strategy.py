@@ -186,6 +186,7 @@ class MagCacheStrategy:
             "mag_ratios": entry.branches,
             "timesteps": stamps,
             "schedule": entry.schedule,
+            "probes": entry.probes or None,
             "threshold": cls.threshold if chosen is None else chosen.threshold,
             "max_skip_steps": cls.max_skip_steps if chosen is None else chosen.max_skip_steps,
             "retention_ratio": cls.retention_ratio if chosen is None else chosen.retention_ratio,

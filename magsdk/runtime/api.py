@@ -312,6 +312,10 @@ def enable(
     )
 
 
+#: More probes than this per step cost more than a calibration on a schedule that many times denser.
+MAX_PROBES = 64
+
+
 def calibrate(
     target: Any,
     *,
@@ -320,18 +324,31 @@ def calibrate(
     scheduler: Any = None,
     parallel_group: GroupOption = "auto",
     data_group: ProcessGroup | None = None,
+    probes: int = 0,
 ) -> CalibrationHandle:
     """Record norm ratios, stds, cosine distances and timesteps per branch and step; never skips.
+
+    ``probes=P`` also measures the curve between its steps: after each step, the step's latent runs again
+    at P timesteps evenly spaced up to the next step's (P more transformer calls per step, so the
+    calibration costs about 1 + P generations). A curve mapped onto another schedule (more steps, another
+    shift) then follows the model's growth between the calibrated steps instead of a straight line
+    (docs/design.md, "Probes"; docs/benchmarks.md measures both). 0 (default): no probes.
 
     ``parallel_group``: the ranks that shard one sequence; their sums are reduced, so each gets the
     whole sequence's curve ("auto": diffusers' context-parallel group, if any). ``data_group``: ranks
     that run different prompts × seeds; every one of them gets the curve of all their generations.
     Every rank of both groups must enter and leave the block (docs/multi-gpu.md).
     """
+    if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or not 0 <= probes <= MAX_PROBES:
+        raise UsageError(
+            f"probes= is how many timesteps between two steps calibration measures the curve at: a whole number "
+            f"from 0 (none) to {MAX_PROBES}, got {_kind(probes)}; e.g. magsdk.calibrate(pipe, probes=8)"
+        )
     config = MagCacheConfig(calibrate=True)
     parallelism = Parallelism.of(parallel_group, data_group)
     handle = _attach(
-        target, config, strategy, metadata, scheduler, CalibrationHandle, DEFAULT_KEEP_GENERATIONS, False, parallelism
+        target, config, strategy, metadata, scheduler, CalibrationHandle, DEFAULT_KEEP_GENERATIONS, False, parallelism,
+        int(probes),
     )
     assert isinstance(handle, CalibrationHandle)
     handle.parallelism = parallelism
@@ -551,6 +568,7 @@ def _attach(
     keep_generations: int,
     auto_calibrate: bool = False,
     parallelism: Parallelism | None = None,
+    probes: int = 0,
 ) -> MagCacheHandle:
     _check_arguments(config, strategy_source, metadata)
     caller = "magsdk.calibrate" if issubclass(handle_cls, CalibrationHandle) else "magsdk.enable"
@@ -624,13 +642,13 @@ def _attach(
 
                 factory = functools.partial(
                     _new_session, transformer, name, strategy, resolved_config, curves, stats=stats,
-                    link=link, parallelism=parallelism,
+                    link=link, parallelism=parallelism, probes=probes,
                 )
                 autotrace.trace_first_call(transformer, factory, sessions, pending)
                 continue
             session = _new_session(
                 transformer, name, strategy, resolved_config, curves, meta, stats=stats, link=link,
-                constraints=constraints, parallelism=parallelism,
+                constraints=constraints, parallelism=parallelism, probes=probes,
             )
             sessions.append(session)
     except BaseException:
@@ -688,6 +706,7 @@ def _new_session(
     link: SchedulerLink | None,
     constraints: Constraints | None = None,
     parallelism: Parallelism | None = None,
+    probes: int = 0,
 ) -> CacheSession:
     paths: tuple[str, ...] = strategy.block_groups
     if isinstance(metadata, InspectionReport):
@@ -723,6 +742,13 @@ def _new_session(
         auto=auto,
         constraints=constraints,
     )
+    if probes and session._timestep is None:
+        session.detach()  # nothing of it is kept: the handle is never made
+        raise UsageError(
+            f"probes={probes}: {type(transformer).__name__}.forward has no timestep argument to move between steps; "
+            "calibrate without probes (probes=0)"
+        )
+    session.probes = probes
     distributed.link(session, parallelism)
     return session
 

@@ -63,7 +63,8 @@ class AutoCalibration:
         if result is None:
             return None
         config = self.config.model_copy(update={"mag_ratios": result.curves(), "timesteps": result.argument_timesteps(),
-                                                "schedule": result.schedule, "auto_calibrate": False})
+                                                "schedule": result.schedule, "probes": result.probe_curves(),
+                                                "auto_calibrate": False})
         source = CurveSource.from_config(config)
         assert source is not None
         return source

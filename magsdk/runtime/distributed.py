@@ -287,7 +287,7 @@ def shard(items: Sequence[T], group: ProcessGroup | None) -> list[T]:
 
 # -- the plan guard ---------------------------------------------------------------------------------
 PLAN_PARTS = ("transformer", "settings", "curves", "steps", "schedule")
-_EXCLUDED_SETTINGS = {"mag_ratios", "timesteps", "schedule", "calibrate"}
+_EXCLUDED_SETTINGS = {"mag_ratios", "timesteps", "schedule", "probes", "calibrate"}
 
 
 def _digest(text: str) -> int:
@@ -308,6 +308,7 @@ def _curves_text(session: CacheSession) -> tuple[str, str]:
         {
             "num_steps": t.num_steps, "branches": t.branches, "timesteps": t.timesteps,
             "schedule": t.schedule.model_dump(mode="json") if t.schedule is not None else None,
+            "probes": t.probes,
         }
         for t in source.tables
     ]

@@ -78,6 +78,14 @@ class ArgumentReader:
         self.default: Any = None if default is inspect.Parameter.empty else default
         self.required = default is inspect.Parameter.empty
 
+    def replaced(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The same call's arguments with this one set to ``value`` (new containers; the originals are kept)."""
+        if self.name not in kwargs and self.index is not None and self.index < len(args):
+            return (*args[: self.index], value, *args[self.index + 1 :]), dict(kwargs)
+        return args, {**kwargs, self.name: value}
+
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         value = kwargs.get(self.name, _MISSING)
         if value is not _MISSING:

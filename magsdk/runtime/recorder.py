@@ -36,6 +36,8 @@ class BranchRunRecord:
     timesteps: list[float | None]
     #: The run's step at which this branch was first measured (Wan 2.2's second expert joins mid-run).
     first_step: int = 0
+    #: Between-step probes (``BranchCalibration.probes``), flattened; empty unless probed.
+    probes: list[float] = field(default_factory=list)
 
 
 #: Gathers the per-generation records of every rank that calibrated other inputs (None: one process).
@@ -49,6 +51,19 @@ class BranchRecorder:
     sums: list[torch.Tensor | None] = field(default_factory=list)
     timesteps: list[torch.Tensor | float | None] = field(default_factory=list)
     first_step: int | None = None
+    #: Per probed step: (P, 2) sums of per-token norm ratios and token counts, one row per probe timestep.
+    probe_sums: list[torch.Tensor] = field(default_factory=list)
+
+    def add_probes(self, residuals: list[torch.Tensor], base: torch.Tensor) -> None:
+        """Sums for one step's probes: each probe residual against the step's own residual, token by token."""
+        with torch.no_grad():
+            prev = torch.linalg.norm(base.float(), dim=-1) + 1e-8
+            rows = []
+            for residual in residuals:
+                per_token = (torch.linalg.norm(residual.float(), dim=-1) / prev).double()
+                count = torch.tensor(float(per_token.numel()), dtype=torch.float64, device=per_token.device)
+                rows.append(torch.stack([per_token.sum(), count]))
+            self.probe_sums.append(torch.stack(rows))
 
     def add(
         self, residual: torch.Tensor, previous: torch.Tensor | None, timestep: torch.Tensor | float | None, step: int
@@ -90,7 +105,22 @@ class BranchRecorder:
             stds.append(max(squares / count - mean * mean, 0.0) ** 0.5)
             cos.append(cos_total / count)
         stamps = _floats(self.timesteps)
-        return BranchRunRecord(ratios, stds, cos, stamps, self.first_step or 0)
+        return BranchRunRecord(ratios, stds, cos, stamps, self.first_step or 0, self._probes(reduce))
+
+    def _probes(self, reduce: Reducer | None) -> list[float]:
+        """Log growth per probe, flattened; only when every step but the last was probed alike."""
+        if not self.probe_sums or len(self.probe_sums) != len(self.sums) - 1:
+            return []
+        if len({tuple(s.shape) for s in self.probe_sums}) != 1:
+            return []
+        stacked = torch.stack(self.probe_sums)
+        if reduce is not None:  # a (rows, columns) table, as the step sums are
+            stacked = reduce(stacked.reshape(-1, stacked.shape[-1])).reshape(stacked.shape)
+        values = stacked.cpu().double()
+        means = values[..., 0] / values[..., 1].clamp_min(1.0)
+        if not bool((means > 0).all()):
+            return []
+        return [float(v) for v in torch.log(means).reshape(-1).tolist()]
 
 
 def _floats(values: list[torch.Tensor | float | None]) -> list[float | None]:
@@ -122,7 +152,10 @@ def merge_runs(runs: list[dict[str, BranchRunRecord]]) -> dict[str, BranchCalibr
         ratios = torch.tensor([r.norm_ratios[:length] for r in recs], dtype=torch.float64)
         stds = torch.tensor([r.norm_stds[:length] for r in recs], dtype=torch.float64)
         cos = torch.tensor([r.cos_dists[:length] for r in recs], dtype=torch.float64)
+        probed = [r.probes for r in recs]
+        same = len({len(p) for p in probed}) == 1 and probed[0]
         branches[name] = BranchCalibration(
+            probes=torch.tensor(probed, dtype=torch.float64).mean(0).tolist() if same else [],
             norm_ratios=ratios.mean(0).tolist(),
             norm_stds=stds.mean(0).tolist(),
             cos_dists=cos.mean(0).tolist(),

@@ -65,6 +65,17 @@ class BranchState:
     residual_step: int = -1
     previous: torch.Tensor | None = None
     previous_step: int = -1
+    #: Calibration with probes: the last computed call's inputs, residual and step, probed once the next
+    #: call's timestep is known.
+    probe_from: _ProbeStart | None = None
+
+
+@dataclass
+class _ProbeStart:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    residual: torch.Tensor
+    step: int
 
 
 @dataclass(slots=True)
@@ -76,6 +87,8 @@ class ActiveCall:
     skip: bool
     timestep: float | None
     argument_timestep: torch.Tensor | float | None = None
+    #: The call's arguments, kept only while calibrating with probes.
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -111,6 +124,9 @@ class CacheSession:
         self.reuse = config.effective_reuse()
         #: Whether the generation in flight records a calibration instead of skipping.
         self.calibrating = config.calibrate
+        #: Between-step probes per step while calibrating (``magsdk.calibrate(..., probes=P)``; 0: none).
+        self.probes = 0
+        self._original_forward: Callable[..., Any] | None = None
         self.auto = auto
         self._auto_pending = False
         self._auto_key: CurveKey | None = None
@@ -194,6 +210,7 @@ class CacheSession:
     # -- the transformer call -------------------------------------------------------------------
     def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         session = self
+        self._original_forward = original
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -270,6 +287,8 @@ class CacheSession:
             if state.schedule.outran_at is not None:
                 self._outran_curve(state.schedule)
         call = ActiveCall(position, state, skip, timestep, argument)
+        if self.calibrating and self.probes and state.recorder is not None:
+            call.inputs = _kept(args), {k: _kept(v) for k, v in kwargs.items()}
         if skip:
             self.stack.gate.residual = self._reused(state, position.step)
         self.stack.enter(skip)
@@ -301,6 +320,8 @@ class CacheSession:
                         "as first and last blocks of its stack; the strategy or report does not fit this model"
                     )
                 self._store(call, head_in, head_out, tail_out)
+                if call.inputs is not None:
+                    self._probe(call)
                 if self._auto_pending:
                     self._auto_decide(call.position)
                 elif self.auto is not None and self.calibrating:
@@ -376,6 +397,38 @@ class CacheSession:
         if self.reuse == "forecast":
             state.previous, state.previous_step = state.residual, state.residual_step
         state.residual, state.residual_step = residual, call.position.step
+
+    def _probe(self, call: ActiveCall) -> None:
+        """Between-step probes: the last step's latent run again at P timesteps up to this call's.
+
+        A curve sampled at a calibration's steps cannot show how the residual norm grows between them,
+        and a run on a denser or shifted schedule falls there (docs/design.md, "Probes"). Each probe is
+        one more forward of the same inputs with only the timestep argument moved, so its growth is the
+        model's response to the noise level at that latent; the mapping spreads the latent's own change
+        on top. Calibration only: a cached run never probes.
+        """
+        state, recorder = call.state, call.state.recorder
+        assert call.inputs is not None and recorder is not None and state.residual is not None
+        start, here = state.probe_from, call.position.step
+        state.probe_from = _ProbeStart(call.inputs[0], call.inputs[1], state.residual, here)
+        if start is None or start.step != here - 1 or self._timestep is None or self._original_forward is None:
+            return
+        begin = self._timestep.read(start.args, start.kwargs)
+        end = self._timestep.read(*call.inputs)
+        residuals = []
+        stack = self.stack
+        with torch.no_grad():
+            for j in range(1, self.probes + 1):
+                args, kwargs = self._timestep.replaced(start.args, start.kwargs, _between(begin, end, j / self.probes))
+                stack.gate.clear()
+                self._original_forward(*args, **kwargs)
+                head_in, tail_out = stack.gate.head_input, stack.gate.tail_output
+                if head_in is None or tail_out is None:
+                    raise MetadataMismatchError(f"{self.name}: a probe call did not run the block stack")
+                hidden = stack.tail_io.extract_hidden(tail_out)
+                residuals.append(self.strategy.compute_residual(hidden, head_in, stack.tail_io.metadata))
+        stack.gate.clear()
+        recorder.add_probes(residuals, start.residual)
 
     def _auto_decide(self, position: CallPosition) -> None:
         """After a generation's first call: cache with a known curve, or go on measuring this generation."""
@@ -551,6 +604,24 @@ class CacheSession:
         self.calibration_first_steps = first_steps(runs)  # a second transformer joins mid-run
         return CalibrationResult(branches=branches, transformer=type(self.transformer).__name__)
 
+
+
+def _kept(value: Any) -> Any:
+    """A call's argument kept for a later probe: tensors copied (a pipeline may update its latents in place)."""
+    if isinstance(value, tuple):
+        return tuple(_kept(v) for v in value)
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _between(begin: Any, end: Any, fraction: float) -> Any:
+    """The timestep argument ``fraction`` of the way from ``begin`` to ``end`` (tensors element by element)."""
+    if isinstance(begin, torch.Tensor) and isinstance(end, torch.Tensor):
+        moved = begin.double() + (end.double() - begin.double()) * fraction
+        return moved.round().to(begin.dtype) if not begin.is_floating_point() else moved.to(begin.dtype)
+    if isinstance(begin, (int, float)) and isinstance(end, (int, float)):
+        value = float(begin) + (float(end) - float(begin)) * fraction
+        return round(value) if isinstance(begin, int) and isinstance(end, int) else value
+    return end
 
 
 def schedule_info(
