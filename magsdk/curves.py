@@ -372,7 +372,7 @@ class CurveSource:
         if self.resample != "index":
             probes = self.raw_probes(table, branch, position, module)
             if probes:
-                source += f" (shaped by {len(probes) // (len(raw) - 1)} probes per step)"
+                source += f", shaped by {len(probes) // (len(raw) - 1)} probes per step,"
             if run.timesteps is not None and table.schedule is not None and len(table.schedule.timesteps) == len(raw):
                 tmap = TimestepMap(raw, table.schedule.timesteps, probes)
                 values = tmap.map(run.timesteps)

@@ -85,6 +85,7 @@ def references() -> dict[str, Any]:
     """Every scenario's single-process result (run before any process group exists)."""
     return {
         "calibration": calibrate_tiny(tiny_flux()).model_dump(mode="json"),
+        "calibration_probed": calibrate_tiny(tiny_flux(), probes=2).model_dump(mode="json"),
         "runtime": run_cached(tiny_flux()),
         "dp_calibration": pipeline_calibration(PROMPTS).model_dump(mode="json"),
     }
@@ -139,6 +140,8 @@ def _context_parallel_scenarios(rank: int) -> dict[str, Any]:
 
     # 1. calibration under context parallelism: no argument, the group comes from diffusers
     out["cp_calibration"] = calibrate_tiny(model).model_dump(mode="json")
+    # ... with between-step probes: their sums are reduced like the steps'
+    out["cp_calibration_probed"] = calibrate_tiny(model, probes=2).model_dump(mode="json")
     # ... what each rank would measure alone from its slice of the tokens (detection off)
     out["cp_unreduced"] = calibrate_tiny(model, parallel_group=None).model_dump(mode="json")
     # ... and with a data group over the same ranks: they hold one sequence, so their runs count once

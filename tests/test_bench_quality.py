@@ -81,27 +81,30 @@ def test_quick_transfer_run_compares_mapped_index_and_native(tmp_path: Path) -> 
     rows = json.loads(data.read_text())["transfer"]
     assert [r["target"] for r in rows] == ["14 steps", "28 steps, shift 3"]
     for row in rows:
-        for name in ("mapped", "index", "native"):
+        for name in ("mapped", "probed", "index", "native"):
             assert math.isfinite(row[name]["psnr_db"]) and row[name]["total_calls"] == 2 * row["steps"]
-        assert isinstance(row["meets_goal"], bool)
+        assert isinstance(row["meets_goal"], bool) and isinstance(row["probed_meets_goal"], bool)
     grid = json.loads(data.read_text())["transfer_grid"]
     assert [r["target"] for r in grid] == ["14 steps", "28 steps, shift 3"]
     for row in grid:
         assert [c["setting"] for c in row["settings"]] == ["0.06/3/0.2", "0.12/4/0.2"]
         for cell in row["settings"]:
-            assert len(cell["native"]) == len(cell["mapped"]) == len(cell["index"]) == 2  # cond and uncond
+            assert len(cell["native"]) == len(cell["mapped"]) == len(cell["probed"]) == len(cell["index"]) == 2
             assert all(1 <= n <= row["steps"] for n in cell["native"])
             assert all(-n < d <= row["steps"] - n for d, n in zip(cell["mapped"], cell["native"], strict=True))
     seeds = json.loads(data.read_text())["transfer_seeds"]
     assert [(r["target"], r["setting"]) for r in seeds] == [("14 steps", "0.06/3/0.2"),
                                                            ("28 steps, shift 3", "0.06/3/0.2")]
     for row in seeds:
-        assert row["seeds"] == [1000, 1001] and len(row["native"]) == len(row["mapped"]) == 2
-        assert all(1 <= n <= 28 for n in row["native"] + row["mapped"])
+        assert row["seeds"] == [1000, 1001] and len(row["native"]) == len(row["mapped"]) == len(row["probed"]) == 2
+        assert all(1 <= n <= 28 for n in row["native"] + row["mapped"] + row["probed"])
     # the seed-1000 counts are the PSNR table's (the same calibrations, by plan): the plan matches the runs
     for row, measured in zip(seeds, rows, strict=True):
         assert 2 * row["native"][0] == measured["native"]["computed_calls"]
         assert 2 * row["mapped"][0] == measured["mapped"]["computed_calls"]
+        assert 2 * row["probed"][0] == measured["probed"]["computed_calls"]
+    # the probed calibration's cost is counted: 2 branches x (12 steps + 16 probes between each step and the next)
+    assert "counted transformer calls): plain 24, probed 376 (15.7x)" in out.read_text()
     text = out.read_text()
     assert bench.SECTION_TRANSFER in text and "### More schedules, by plan" in text
     assert "### The same points with other calibration seeds, by plan" in text

@@ -81,8 +81,10 @@ def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     worst = 0.0
     for name, branch in a["branches"].items():
         other = b["branches"][name]
-        for key in ("norm_ratios", "norm_stds", "cos_dists"):
+        for key in ("norm_ratios", "norm_stds", "cos_dists", "probes"):
             assert len(branch[key]) == len(other[key]), (name, key)
+            if not branch[key]:
+                continue
             worst = max(worst, max(abs(x - y) for x, y in zip(branch[key], other[key], strict=True)))
     return worst
 
@@ -110,6 +112,12 @@ def test_context_parallel_calibration_equals_single_process(
         # each rank saw half of the 16 image tokens; the schedule records the whole sequence's size
         assert cp["schedule"] == single["schedule"] and single["schedule"]["image_tokens"] == 16
     assert max_diff(ranks[0]["cp_calibration"], ranks[1]["cp_calibration"]) == 0.0  # reduced: identical
+    probed = reference["calibration_probed"]
+    assert all(len(b["probes"]) == 2 * (len(b["norm_ratios"]) - 1) for b in probed["branches"].values())
+    for rank, result in enumerate(ranks):  # the probes' sums are reduced over the sequence too
+        diff = max_diff(result["cp_calibration_probed"], probed)
+        print(f"rank {rank}: context-parallel calibration with probes vs single process, max |diff| {diff:.2e}")
+        assert diff <= TOLERANCE
     unreduced = [max_diff(r["cp_unreduced"], single) for r in ranks]
     print(f"without the reduction (parallel_group=None), each rank's curve vs single process: max |diff| "
           f"{', '.join(f'{d:.2e}' for d in unreduced)}")

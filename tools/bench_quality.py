@@ -107,7 +107,9 @@ class Bench:
     calls: list[int] = field(default_factory=lambda: [0])
     warmed: set[str] = field(default_factory=set)
     #: magsdk calibrations by (steps, shift, seed): deterministic, so the transfer tables share them.
-    calibrations: dict[tuple[int, float | None, int], magsdk.CalibrationResult] = field(default_factory=dict)
+    calibrations: dict[tuple[int, float | None, int, int], magsdk.CalibrationResult] = field(default_factory=dict)
+    #: The transformer calls each of them made (counted; probes add ``probes`` calls per step but the last).
+    calibration_calls: dict[tuple[int, float | None, int, int], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Count transformer calls in which the last block's attention actually ran.
@@ -170,21 +172,23 @@ class Bench:
 
 
 # -- methods ---------------------------------------------------------------------------------------
-def magsdk_calibration(pipe: Any, steps: int, prompts: list[str], seed: int = CALIBRATION_SEED
+def magsdk_calibration(pipe: Any, steps: int, prompts: list[str], seed: int = CALIBRATION_SEED, probes: int = 0
                        ) -> magsdk.CalibrationResult:
-    with magsdk.calibrate(pipe) as cal:
+    with magsdk.calibrate(pipe, probes=probes) as cal:
         generate(pipe, prompts, [seed], num_inference_steps=steps)
     assert cal.result is not None
     return cal.result
 
 
-def calibration_on(bench: Bench, steps: int, shift: float | None, seed: int = CALIBRATION_SEED
+def calibration_on(bench: Bench, steps: int, shift: float | None, seed: int = CALIBRATION_SEED, probes: int = 0
                    ) -> magsdk.CalibrationResult:
     """``magsdk_calibration`` on the pipeline's scheduler (``shift``: a FlowMatch one with that shift), made once."""
-    key = (steps, shift, seed)
+    key = (steps, shift, seed, probes)
     if key not in bench.calibrations:
         with scheduler_shift(bench, shift):
-            bench.calibrations[key] = magsdk_calibration(bench.pipe, steps, bench.prompts, seed)
+            bench.calls[0] = 0
+            bench.calibrations[key] = magsdk_calibration(bench.pipe, steps, bench.prompts, seed, probes)
+            bench.calibration_calls[key] = bench.calls[0]
     return bench.calibrations[key]
 
 
@@ -368,6 +372,8 @@ TRANSFER_TARGETS: list[tuple[str, int, float | None]] = [
     ("28 steps, shift 3", 28, 3.0),
 ]
 TRANSFER_SETTINGS: list[tuple[float, int, float]] = [(0.06, 3, 0.2), (0.12, 4, 0.2), (0.24, 5, 0.1)]
+#: Between-step probes of the *probed* calibration (``magsdk.calibrate(pipe, probes=16)``).
+TRANSFER_PROBES = 16
 QUICK_TRANSFER_TARGETS = TRANSFER_TARGETS[1:2] + TRANSFER_TARGETS[-1:]
 QUICK_TRANSFER_SETTINGS = TRANSFER_SETTINGS[:1]
 
@@ -397,6 +403,7 @@ def sweep_transfer(bench: Bench, steps: int, quick: bool
     calibration seeds."""
     pipe = bench.pipe
     calibration = calibration_on(bench, steps, None)
+    probed = calibration_on(bench, steps, None, probes=TRANSFER_PROBES)
     rows: list[dict[str, Any]] = []
     for label, target, shift in QUICK_TRANSFER_TARGETS if quick else TRANSFER_TARGETS:
         native = calibration_on(bench, target, shift)
@@ -404,14 +411,16 @@ def sweep_transfer(bench: Bench, steps: int, quick: bool
             print(f"transfer target {label}: uncached {bench.baseline(target)[1]:.2f} s", flush=True)
             for th, k, retention in QUICK_TRANSFER_SETTINGS if quick else TRANSFER_SETTINGS:
                 row: dict[str, Any] = {"target": label, "steps": target, "setting": f"{th:g}/{k}/{retention:g}"}
-                for name, ratios, resample in (("mapped", calibration, "auto"), ("index", calibration, "index"),
-                                               ("native", native, "auto")):
+                for name, ratios, resample in (("mapped", calibration, "auto"), ("probed", probed, "auto"),
+                                               ("index", calibration, "index"), ("native", native, "auto")):
                     row[name] = bench.point(f"magsdk {name} ({label})", "threshold", th, target,
                                             attach_magsdk(pipe, ratios, th, k, retention, resample=resample), repeats=1)
                 row["meets_goal"] = transfer_goal(row["mapped"], row["native"])
+                row["probed_meets_goal"] = transfer_goal(row["probed"], row["native"])
                 row["equal_calls"] = equal_calls_runs(bench, row, calibration, native, (th, k, retention))
                 rows.append(row)
-    return rows, sweep_transfer_grid(bench, calibration, quick), sweep_transfer_seeds(bench, steps, quick)
+    return (rows, sweep_transfer_grid(bench, calibration, probed, quick),
+            sweep_transfer_seeds(bench, steps, quick))
 
 
 def equal_calls_runs(bench: Bench, row: dict[str, Any], calibration: magsdk.CalibrationResult,
@@ -467,8 +476,10 @@ def grid_label(steps: int, shift: float | None) -> str:
     return f"{steps} steps" + ("" if shift is None else f", shift {shift:g}")
 
 
-def sweep_transfer_grid(bench: Bench, calibration: magsdk.CalibrationResult, quick: bool) -> list[dict[str, Any]]:
-    """Per target schedule and setting: computed steps per branch, mapped and by index, minus a native calibration's."""
+def sweep_transfer_grid(bench: Bench, calibration: magsdk.CalibrationResult, probed: magsdk.CalibrationResult,
+                        quick: bool) -> list[dict[str, Any]]:
+    """Per target schedule and setting: computed steps per branch, mapped (without and with probes) and by index,
+    minus a native calibration's."""
     rows: list[dict[str, Any]] = []
     for target, shift in QUICK_GRID_TARGETS if quick else GRID_TARGETS:
         if shift is None and target == calibration.num_steps:
@@ -480,13 +491,16 @@ def sweep_transfer_grid(bench: Bench, calibration: magsdk.CalibrationResult, qui
         for th, k, retention in QUICK_GRID_SETTINGS if quick else GRID_SETTINGS:
             config = magsdk.MagCacheConfig(threshold=th, max_skip_steps=k, retention_ratio=retention)
             by_index = config.model_copy(update={"resample": "index"})
-            cell: dict[str, Any] = {"setting": f"{th:g}/{k}/{retention:g}", "mapped": [], "index": [], "native": []}
+            cell: dict[str, Any] = {"setting": f"{th:g}/{k}/{retention:g}", "mapped": [], "probed": [], "index": [],
+                                    "native": []}
             for branch in native.branches:
                 native_steps = len(magsdk.plan(native, config, target, branch, timesteps=timesteps).computed_steps)
                 mapped = magsdk.plan(calibration, config, target, branch, timesteps=timesteps)
                 index = magsdk.plan(calibration, by_index, target, branch, timesteps=timesteps)
                 cell["native"].append(native_steps)
                 cell["mapped"].append(len(mapped.computed_steps) - native_steps)
+                with_probes = magsdk.plan(probed, config, target, branch, timesteps=timesteps)
+                cell["probed"].append(len(with_probes.computed_steps) - native_steps)
                 cell["index"].append(len(index.computed_steps) - native_steps)
             row["settings"].append(cell)
         print(f"transfer grid {row['target']}: mapped − native "
@@ -503,13 +517,14 @@ def sweep_transfer_seeds(bench: Bench, steps: int, quick: bool) -> list[dict[str
     difference between mapped and native is one calibration's luck at a threshold decision."""
     seeds = TRANSFER_SEEDS[:2] if quick else TRANSFER_SEEDS
     sources = {seed: calibration_on(bench, steps, None, seed) for seed in seeds}
+    probed = {seed: calibration_on(bench, steps, None, seed, TRANSFER_PROBES) for seed in seeds}
     rows: list[dict[str, Any]] = []
     for label, target, shift in QUICK_TRANSFER_TARGETS if quick else TRANSFER_TARGETS:
         natives = {seed: calibration_on(bench, target, shift, seed) for seed in seeds}
         for th, k, retention in QUICK_TRANSFER_SETTINGS if quick else TRANSFER_SETTINGS:
             config = magsdk.MagCacheConfig(threshold=th, max_skip_steps=k, retention_ratio=retention)
             row: dict[str, Any] = {"target": label, "setting": f"{th:g}/{k}/{retention:g}", "seeds": seeds,
-                                   "native": [], "mapped": []}
+                                   "native": [], "mapped": [], "probed": []}
             for seed in seeds:
                 native = natives[seed]
                 assert native.schedule is not None
@@ -518,6 +533,8 @@ def sweep_transfer_seeds(bench: Bench, steps: int, quick: bool) -> list[dict[str
                 row["native"].append(max(len(magsdk.plan(native, config, target, b, timesteps=timesteps)
                                              .computed_steps) for b in native.branches))
                 row["mapped"].append(max(len(magsdk.plan(sources[seed], config, target, b, timesteps=timesteps)
+                                             .computed_steps) for b in native.branches))
+                row["probed"].append(max(len(magsdk.plan(probed[seed], config, target, b, timesteps=timesteps)
                                              .computed_steps) for b in native.branches))
             rows.append(row)
     return rows
@@ -770,31 +787,46 @@ def render_transfer(rows: list[dict[str, Any]], grid: list[dict[str, Any]], seed
     lines.append(
         f"The reference model calibrated once at {meta['steps']} steps on its own scheduler (shift 1), then run on "
         "other schedules. *mapped*: the runtime's default (`resample=\"auto\"`: the curve mapped through the "
-        "recorded timesteps); *index*: nearest-index resampling (diffusers' and the original's rule); *native*: a "
+        "recorded timesteps); *probed*: the same, from a calibration of the same run made with "
+        f"`magsdk.calibrate(pipe, probes={meta.get('probes', TRANSFER_PROBES)})`, which also measures the curve "
+        "between its steps; *index*: nearest-index resampling (diffusers' and the original's rule); *native*: a "
         f"calibration made on the target schedule itself. {meta['images']} images, true CFG (calls = 2 per step). "
-        "Goal: *mapped* within ±1 step per branch of *native* and within 0.5 dB PSNR of it (or better at no more "
-        "calls)."
+        "Goal: within ±1 step per branch of *native* and within 0.5 dB PSNR of it (or better at no more calls)."
+        + (f" Cost of the calibration run (10 prompts in one batch, counted transformer calls): plain "
+           f"{meta['calibration_calls'][0]}, probed {meta['calibration_calls'][1]} "
+           f"({meta['calibration_calls'][1] / meta['calibration_calls'][0]:.1f}x)."
+           if meta.get("calibration_calls") else "")
     )
     lines.append("")
-    lines.append("| target schedule | threshold/K/retention | mapped calls / PSNR | index calls / PSNR "
-                 "| native calls / PSNR | mapped − native | goal | mapped − native at equal calls |")
-    lines.append("|---|---|---:|---:|---:|---:|---|---|")
-    met = 0
+    lines.append("| target schedule | threshold/K/retention | mapped calls / PSNR | probed calls / PSNR "
+                 "| index calls / PSNR | native calls / PSNR | mapped − native | goal | probed − native | goal "
+                 "| mapped − native at equal calls |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---|---:|---|---|")
+    met = probed_met = 0
     for row in rows:
         cells = [f"{row[k].computed_calls}/{row[k].total_calls} / {row[k].psnr_db:.2f}"
-                 for k in ("mapped", "index", "native")]
-        diff = row["mapped"].psnr_db - row["native"].psnr_db
-        calls = row["mapped"].computed_calls - row["native"].computed_calls
+                 for k in ("mapped", "probed", "index", "native")]
+        gaps = []
+        for name, goal in (("mapped", "meets_goal"), ("probed", "probed_meets_goal")):
+            diff = row[name].psnr_db - row["native"].psnr_db
+            calls = row[name].computed_calls - row["native"].computed_calls
+            gaps.append(f"{calls:+d} calls, {diff:+.2f} dB | {'met' if row[goal] else '**not met**'}")
         met += bool(row["meets_goal"])
-        lines.append(f"| {row['target']} | {row['setting']} | {' | '.join(cells)} | {calls:+d} calls, "
-                     f"{diff:+.2f} dB | {'met' if row['meets_goal'] else '**not met**'} | "
+        probed_met += bool(row["probed_meets_goal"])
+        lines.append(f"| {row['target']} | {row['setting']} | {' | '.join(cells)} | {' | '.join(gaps)} | "
                      f"{equal_calls_cell(row)} |")
     lines.append("")
     index_gaps = [row["index"].psnr_db - row["native"].psnr_db for row in rows]
     mapped_gaps = [row["mapped"].psnr_db - row["native"].psnr_db for row in rows]
-    lines.append(f"**Findings (computed from the table above).** The mapped curve meets the goal at {met} of "
-                 f"{len(rows)} points; PSNR against the native calibration: mapped {min(mapped_gaps):+.2f} to "
-                 f"{max(mapped_gaps):+.2f} dB, index resampling {min(index_gaps):+.2f} to {max(index_gaps):+.2f} dB.")
+    probed_gaps = [row["probed"].psnr_db - row["native"].psnr_db for row in rows]
+    same_steps = sum(row["probed"].computed_calls == row["native"].computed_calls
+                     and row["probed"].psnr_db == row["native"].psnr_db for row in rows)
+    lines.append(f"**Findings (computed from the table above).** The goal is met at {met} of {len(rows)} points by "
+                 f"the mapped curve and at {probed_met} of {len(rows)} by the probed one; PSNR against the native "
+                 f"calibration: mapped {min(mapped_gaps):+.2f} to {max(mapped_gaps):+.2f} dB, probed "
+                 f"{min(probed_gaps):+.2f} to {max(probed_gaps):+.2f} dB (the very images of the native run at "
+                 f"{same_steps} of {len(rows)}), index resampling {min(index_gaps):+.2f} to "
+                 f"{max(index_gaps):+.2f} dB.")
     lines.append("")
     lines.extend(equal_calls_findings(rows))
     if grid:
@@ -865,29 +897,37 @@ def render_transfer_seeds(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["### The same points with other calibration seeds, by plan", ""]
     lines.append(
         f"The PSNR table's points again, source and native each calibrated with seed {', '.join(map(str, seeds))} "
-        "(the same prompts; none is an evaluation seed): computed steps per branch, *native* and *mapped* per seed. "
+        "(the same prompts; none is an evaluation seed): computed steps per branch, *native*, *mapped* and *probed* "
+        "per seed. "
         "It separates what the mapping does from one calibration's luck at a threshold decision."
     )
     lines.append("")
-    lines.append("| target schedule | threshold/K/retention | native, per seed | mapped, per seed "
-                 "| within ±1 (same seed) |")
-    lines.append("|---|---|---|---|---:|")
+    lines.append("| target schedule | threshold/K/retention | native, per seed | mapped, per seed | probed, per seed "
+                 "| within ±1 (mapped / probed) |")
+    lines.append("|---|---|---|---|---|---:|")
     within = equal = total = 0
+    within_probed = equal_probed = 0
     native_spread = 0
     for row in rows:
         pairs = list(zip(row["mapped"], row["native"], strict=True))
+        probed_pairs = list(zip(row["probed"], row["native"], strict=True))
         close = sum(abs(m - n) <= 1 for m, n in pairs)
+        close_probed = sum(abs(m - n) <= 1 for m, n in probed_pairs)
         within += close
+        within_probed += close_probed
         equal += sum(m == n for m, n in pairs)
+        equal_probed += sum(m == n for m, n in probed_pairs)
         total += len(pairs)
         native_spread += max(row["native"]) != min(row["native"])
         lines.append(f"| {row['target']} | {row['setting']} | {', '.join(map(str, row['native']))} | "
-                     f"{', '.join(map(str, row['mapped']))} | {close} of {len(pairs)} |")
+                     f"{', '.join(map(str, row['mapped']))} | {', '.join(map(str, row['probed']))} | "
+                     f"{close} / {close_probed} of {len(pairs)} |")
     lines.append("")
     lines.append(
-        f"**Findings (computed from the table above).** Mapped within ±1 computed step per branch of the same seed's "
-        f"native calibration at {within} of {total} (point, seed) pairs, equal at {equal} of {total}; the native "
-        f"calibrations themselves differ between seeds at {native_spread} of {len(rows)} points."
+        f"**Findings (computed from the table above).** Within ±1 computed step per branch of the same seed's native "
+        f"calibration: mapped at {within} of {total} (point, seed) pairs, equal at {equal}; probed at {within_probed}, "
+        f"equal at {equal_probed}; the native calibrations themselves differ between seeds at {native_spread} of "
+        f"{len(rows)} points."
     )
     lines.append("")
     return lines
@@ -900,29 +940,38 @@ def render_transfer_grid(grid: list[dict[str, Any]], meta: dict[str, Any]) -> li
         f"The same {meta['steps']}-step calibration against a native calibration on each of {len(grid)} target "
         "schedules (the scheduler's shift and step count changed), compared by `magsdk.plan`, which computes exactly "
         "the steps the runtime computes (a test asserts it): no images, so no PSNR; each cell is computed steps per "
-        "branch, *mapped − native* / *index − native* (the branch farthest from native); in brackets the native "
-        "calibration's computed steps per branch."
+        "branch, *mapped − native* / *probed − native* / *index − native* (the branch farthest from native); in "
+        "brackets the native calibration's computed steps per branch."
     )
     lines.append("")
     lines.append("| target schedule | " + " | ".join(settings) + " |")
     lines.append("|---|" + "---:|" * len(settings))
     mapped_hist: Counter[int] = Counter()
+    probed_hist: Counter[int] = Counter()
     index_hist: Counter[int] = Counter()
     misses: list[tuple[str, int]] = []  # (where, mapped − native) beyond ±1
+    probed_misses: list[tuple[str, int]] = []
     for row in grid:
         cells = []
         for cell in row["settings"]:
-            m, i = worst(cell["mapped"]), worst(cell["index"])
+            m, p, i = worst(cell["mapped"]), worst(cell["probed"]), worst(cell["index"])
             mapped_hist[m] += 1
+            probed_hist[p] += 1
             index_hist[i] += 1
             if abs(m) > 1:
                 misses.append((f"{row['target']} at {cell['setting']}", m))
-            mark = "**" if abs(m) > 1 else ""
-            cells.append(f"{mark}{m:+d}{mark} / {i:+d} ({max(cell['native'])})")
+            if abs(p) > 1:
+                probed_misses.append((f"{row['target']} at {cell['setting']}", p))
+
+            def marked(d: int) -> str:
+                return f"**{d:+d}**" if abs(d) > 1 else f"{d:+d}"
+
+            cells.append(f"{marked(m)} / {marked(p)} / {i:+d} ({max(cell['native'])})")
         lines.append(f"| {row['target']} | " + " | ".join(cells) + " |")
     lines.append("")
     total = sum(mapped_hist.values())
     within_mapped = sum(n for d, n in mapped_hist.items() if abs(d) <= 1)
+    within_probed = sum(n for d, n in probed_hist.items() if abs(d) <= 1)
     within_index = sum(n for d, n in index_hist.items() if abs(d) <= 1)
 
     def histogram(hist: Counter[int]) -> str:
@@ -930,11 +979,14 @@ def render_transfer_grid(grid: list[dict[str, Any]], meta: dict[str, Any]) -> li
 
     lines.append(
         f"**Findings (computed from the table above).** Within ±1 computed step per branch of the native calibration: "
-        f"mapped at {within_mapped} of {total} points, index resampling at {within_index} of {total}. Mapped − native "
-        f"{{{histogram(mapped_hist)}}}; index − native {{{histogram(index_hist)}}}."
+        f"mapped at {within_mapped} of {total} points, probed at {within_probed} of {total}, index resampling at "
+        f"{within_index} of {total}. Mapped − native {{{histogram(mapped_hist)}}}; probed − native "
+        f"{{{histogram(probed_hist)}}}; index − native {{{histogram(index_hist)}}}."
         + (f" Beyond ±1 (mapped): {'; '.join(f'{where} ({m:+d})' for where, m in misses)}; "
            f"{sum(m > 0 for _, m in misses)} of {len(misses)} compute more steps than native (they skip less: a "
            "speed cost, not a quality one)." if misses else "")
+        + (f" Beyond ±1 (probed): {'; '.join(f'{where} ({m:+d})' for where, m in probed_misses)}."
+           if probed_misses else "")
     )
     lines.append("")
     return lines
@@ -1040,6 +1092,11 @@ def main(argv: list[str] | None = None) -> int:
         "base_accuracy": digit_classifier(settings.height).prompt_accuracy(reference, bench.labels),
     }
     if args.transfer:
+        counted = [bench.calibration_calls.get((steps, None, CALIBRATION_SEED, probes))
+                   for probes in (0, TRANSFER_PROBES)]
+        meta["probes"] = TRANSFER_PROBES
+        if all(counted):
+            meta["calibration_calls"] = counted
         section = render_transfer(transfer, grid, transfer_seeds, meta)
         write_section(args.out, SECTION_TRANSFER, section)
     elif args.budget:
