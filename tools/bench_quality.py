@@ -824,7 +824,7 @@ def render_transfer(rows: list[dict[str, Any]], grid: list[dict[str, Any]], seed
     lines.append(f"**Findings (computed from the table above).** The goal is met at {met} of {len(rows)} points by "
                  f"the mapped curve and at {probed_met} of {len(rows)} by the probed one; PSNR against the native "
                  f"calibration: mapped {min(mapped_gaps):+.2f} to {max(mapped_gaps):+.2f} dB, probed "
-                 f"{min(probed_gaps):+.2f} to {max(probed_gaps):+.2f} dB (the very images of the native run at "
+                 f"{min(probed_gaps):+.2f} to {max(probed_gaps):+.2f} dB (the native run's calls and PSNR exactly at "
                  f"{same_steps} of {len(rows)}), index resampling {min(index_gaps):+.2f} to "
                  f"{max(index_gaps):+.2f} dB.")
     lines.append("")
