@@ -276,7 +276,7 @@ def run_pipeline(
     runs = distributed.shard([(p, s) for p in settings.prompts for s in seeds_of(settings.seeds)], group)
     steps = settings.steps
     with progress_bar(progress, f"calibrating {type(pipe.transformer).__name__}", len(runs)) as advance:
-        cal = magsdk.calibrate(pipe, strategy=strategy, data_group=group)
+        cal = magsdk.calibrate(pipe, strategy=strategy, data_group=group, probes=settings.probes)
         with cal, torch.no_grad():
             for prompt, seed in runs:
                 try:
@@ -302,12 +302,13 @@ def run_driver(
     seeds: int,
     label: str,
     progress: bool = True,
+    probes: int = 0,
 ) -> CalibrationResult:
     """The user's driver once per seed, inside one ``magsdk.calibrate`` (seeds split across ranks)."""
     group = distributed.data_parallel_group(transformer)
     mine = distributed.shard(seeds_of(seeds), group)
     with progress_bar(progress, f"calibrating {type(transformer).__name__}", len(mine)) as advance:
-        cal = magsdk.calibrate(transformer, strategy=strategy, data_group=group)
+        cal = magsdk.calibrate(transformer, strategy=strategy, data_group=group, probes=probes)
         with cal:
             for seed in mine:
                 try:
@@ -351,13 +352,16 @@ def run_calibration(
     import diffusers
 
     steps, seeds = settings.steps, settings.seeds
+    if settings.probes:
+        check_probes_target(loaded.transformer, settings.probes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if settings.kind == "driver":
             assert settings.driver is not None
             fn = load_driver(settings.driver)
             result = run_driver(
-                loaded.transformer, fn, strategy, steps=steps, seeds=seeds, label=settings.driver, progress=progress
+                loaded.transformer, fn, strategy, steps=steps, seeds=seeds, label=settings.driver, progress=progress,
+                probes=settings.probes,
             )
             source = f"magsdk.calibrate on {loaded.target} with --driver {settings.driver}, {_count(seeds, 'seed')}"
             entry = to_entry(result, steps=steps, source=source, num_seeds=seeds)
@@ -382,7 +386,7 @@ def run_calibration(
 
             result, shape = run_synthetic(
                 loaded.transformer, strategy, steps=steps, seeds=seeds, progress=progress, inputs=settings.inputs,
-                timestep_name=timestep_name, command=command,
+                timestep_name=timestep_name, command=command, probes=settings.probes,
             )
             _check_steps(result, steps, "the synthetic Euler loop")
             made = f"--inputs {settings.inputs}" if settings.inputs else "synthesized inputs"
@@ -399,6 +403,12 @@ def run_calibration(
                 "marked synthetic. Recalibrate on real generations before relying on it.",
                 loaded.target, made, loaded.weights,
             )
+    if settings.probes and not entry.probes:
+        raise CalibrationRunError(
+            f"--probes {settings.probes}: the calibration did not measure probes on every branch (a branch is probed "
+            "between two consecutive steps it computed, each with a timestep argument); nothing was written. Calibrate "
+            "without --probes"
+        )
     entry = entry.model_copy(update={"diffusers_version": diffusers.__version__, "settings": settings.record()})
     result.synthetic = entry.synthetic
     result.scheduler = entry.scheduler
@@ -408,6 +418,23 @@ def run_calibration(
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def check_probes_target(transformer: torch.nn.Module, probes: int) -> None:
+    """A probe moves the transformer's timestep argument, so a forward without one cannot be probed.
+
+    ``magsdk.calibrate`` refuses it too, but in terms of its Python argument; checked here before any
+    generation runs, the error names the command's option.
+    """
+    from magsdk.conventions import TIMESTEP_ARGUMENT_NAMES
+    from magsdk.runtime.layout import forward_parameters
+
+    names = {p.name for p in forward_parameters(transformer)}
+    if not names & set(TIMESTEP_ARGUMENT_NAMES):
+        raise UsageError(
+            f"--probes {probes}: {type(transformer).__name__}.forward has no timestep argument "
+            f"({', '.join(TIMESTEP_ARGUMENT_NAMES)}) for the probes to move between steps; calibrate without --probes"
+        )
 
 
 def to_entry(
@@ -443,4 +470,5 @@ def to_entry(
         num_seeds=num_seeds,
         synthetic=synthetic,
         schedule=result.schedule,
+        probes=result.probe_curves() or {},
     )

@@ -44,7 +44,7 @@ CALL_SETTINGS_FILES: tuple[str, ...] = ("magsdk.json", "reference.json")
 #: Steps when neither the user, the folder nor the pipeline says (a bare transformer class).
 FALLBACK_STEPS = 28
 #: Keys of a recorded entry's ``settings`` that are not keyword arguments of the pipeline call.
-NOT_CALL_KEYS: tuple[str, ...] = ("device", "dtype", "driver", "inputs", "sampler")
+NOT_CALL_KEYS: tuple[str, ...] = ("device", "dtype", "driver", "inputs", "sampler", "probes")
 
 DTYPES: dict[str, str] = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -71,6 +71,8 @@ class CalibrationRequest(BaseModel):
     dtype: str | None = None
     driver: str | None = None
     inputs: str | None = None
+    #: Between-step probes per step (``--probes``; 0: none).
+    probes: int = 0
 
 
 class CalibrationSettings(BaseModel):
@@ -90,6 +92,8 @@ class CalibrationSettings(BaseModel):
     dtype: str = "float32"
     driver: str | None = None
     inputs: str | None = None
+    #: Between-step probes per step (``magsdk.calibrate(..., probes=P)``; 0: none).
+    probes: int = 0
 
     def record(self) -> dict[str, Any]:
         """The ``settings`` of the calibration entry: enough to replay one generation."""
@@ -101,6 +105,8 @@ class CalibrationSettings(BaseModel):
         if self.kind == "synthetic":
             record["sampler"] = "flow-matching Euler (magsdk synthetic loop)"
             record["inputs"] = self.inputs or "synthesized"
+        if self.probes:  # only when probed, so the settings of entries without probes stay as they were
+            record["probes"] = self.probes
         record["device"] = self.device
         record["dtype"] = self.dtype
         return record
@@ -121,6 +127,8 @@ class CalibrationSettings(BaseModel):
             parts.append(f"--driver {self.driver}, {_count(self.seeds, 'seed')}")
         else:
             parts.append(f"synthetic Euler loop on {self.inputs or 'synthesized'} inputs, {_count(self.seeds, 'seed')}")
+        if self.probes:  # the cost is what the user should see before the generations start
+            parts.append(f"{_count(self.probes, 'probe')} per step (about {1 + self.probes}x the transformer calls)")
         parts.append(f"{self.device} {self.dtype}")
         return "; ".join(parts)
 
@@ -270,6 +278,7 @@ def resolve_pipeline_settings(
         origins=origins,
         device=device,
         dtype=dtype,
+        probes=request.probes,
     )
 
 
@@ -286,6 +295,7 @@ def resolve_loop_settings(request: CalibrationRequest, *, device: str, dtype: st
         dtype=dtype,
         driver=request.driver,
         inputs=request.inputs,
+        probes=request.probes,
     )
 
 

@@ -227,6 +227,7 @@ def run_synthetic(
     inputs: str | None = None,
     timestep_name: str | None = None,
     command: str = "magsdk scaffold",
+    probes: int = 0,
 ) -> tuple[CalibrationResult, str]:
     """The Euler loop once per seed inside ``magsdk.calibrate``; returns the result and the latent shape."""
     from magsdk.calibration.drivers import CalibrationRunError, progress_bar, seeds_of
@@ -244,7 +245,7 @@ def run_synthetic(
     group = distributed.data_parallel_group(model)
     mine = distributed.shard(seeds_of(seeds), group)
     with progress_bar(progress, f"calibrating {type(model).__name__} (synthetic)", len(mine)) as advance:
-        cal = magsdk.calibrate(model, strategy=strategy, data_group=group)
+        cal = magsdk.calibrate(model, strategy=strategy, data_group=group, probes=probes)
         with cal:
             for seed in mine:
                 try:

@@ -124,6 +124,8 @@ def format_entry(entry: CalibrationEntry, indent: str = ENTRY_INDENT) -> str:
     lines.extend(_curve_dict("branches", entry.branches, inner))
     if entry.spread:
         lines.extend(_curve_dict("spread", entry.spread, inner))
+    if entry.probes:  # absent when empty: entries calibrated without probes are written as before
+        lines.extend(_curve_dict("probes", entry.probes, inner))
     if entry.timesteps:
         lines.append(f"{inner}{py_str('timesteps')}: [")
         lines.extend(pack_numbers(entry.timesteps, inner + "    "))
@@ -202,6 +204,7 @@ def round_entry(entry: CalibrationEntry) -> CalibrationEntry:
         update={
             "branches": {k: r(v) for k, v in entry.branches.items()},
             "spread": {k: r(v) for k, v in entry.spread.items()},
+            "probes": {k: r(v) for k, v in entry.probes.items()},
             "timesteps": [None if t is None else float(py_float(t)) for t in entry.timesteps],
             "settings": _round_nested(entry.settings),
             "schedule": _round_schedule(entry.schedule),

@@ -42,6 +42,11 @@ PROMPTS_HELP = "File with one calibration prompt a line (default: a built-in set
 SIDE_HELP = "Image {side} of pipeline calibration (default: the folder's recorded settings, else the pipeline's)."
 DEVICE_HELP = "Device to calibrate on, e.g. cuda, cuda:1, cpu (default: cuda when available)."
 DTYPE_HELP = "Weights dtype: float32, float16 or bfloat16 (default: as saved, usually float32)."
+PROBES_HELP = (
+    "Also measure the curve at P timesteps between each step and the next (0 to 64; default 0: none). P more "
+    "transformer calls per step: the calibration costs about 1+P generations; curves mapped onto other schedules "
+    "follow the model between the calibrated steps."
+)
 CALL_ARG_HELP = (
     "KEY=VALUE passed to every pipeline call during calibration (repeatable; VALUE is JSON when it parses), "
     'e.g. --call-arg true_cfg_scale=4 --call-arg negative_prompt=\'""\' to calibrate both CFG branches.'
@@ -88,6 +93,7 @@ def scaffold_command(
         False, "--force", help="Replace an existing module even if it was edited (its calibrations are kept)."
     ),
     call_arg: Annotated[list[str] | None, typer.Option("--call-arg", metavar="KEY=VALUE", help=CALL_ARG_HELP)] = None,
+    probes: int = typer.Option(0, "--probes", metavar="P", help=PROBES_HELP),
     from_cache: str | None = typer.Option(
         None, "--from-cache", metavar="ID",
         help="Use a curve that enable(auto_calibrate=True) cached (its id, a unique start of "
@@ -102,7 +108,7 @@ def scaffold_command(
     options = ScaffoldOptions(
         model=model, name=name, steps=steps, prompts=prompt_list, prompts_source=prompt_source, seeds=seeds,
         out_dir=out, driver=driver, inputs=inputs, plot=plot, height=height, width=width, device=device, dtype=dtype,
-        with_test=not no_test, force=force, call_kwargs=_call_kwargs(call_arg), from_cache=from_cache,
+        with_test=not no_test, force=force, call_kwargs=_call_kwargs(call_arg), probes=probes, from_cache=from_cache,
         invocation=invocation(),
     )
     quiet_library_progress()
@@ -128,6 +134,7 @@ def calibrate_command(
     device: str | None = typer.Option(None, "--device", metavar="DEVICE", help=DEVICE_HELP),
     dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", help=DTYPE_HELP),
     call_arg: Annotated[list[str] | None, typer.Option("--call-arg", metavar="KEY=VALUE", help=CALL_ARG_HELP)] = None,
+    probes: int = typer.Option(0, "--probes", metavar="P", help=PROBES_HELP),
 ) -> None:
     """Add or refresh the calibration for the run's step count in a strategy file; nothing else in it changes.
 
@@ -137,7 +144,7 @@ def calibrate_command(
     options = CalibrationOptions(
         model=model, steps=steps, prompts=prompt_list, prompts_source=prompt_source, seeds=seeds, driver=driver,
         inputs=inputs, plot=plot, height=height, width=width, device=device, dtype=dtype,
-        call_kwargs=_call_kwargs(call_arg), invocation=invocation(),
+        call_kwargs=_call_kwargs(call_arg), probes=probes, invocation=invocation(),
     )
     quiet_library_progress()
     with distributed.launched_process_group(device):  # torchrun: each rank calibrates its share
@@ -216,6 +223,13 @@ def plan_table(entry: CalibrationEntry, threshold: float, max_skip_steps: int, r
 
 def _entry_notes(entry: CalibrationEntry) -> None:
     console.print(f"source: {entry.source}", highlight=False, soft_wrap=True, markup=False)
+    if entry.probes:
+        per = len(next(iter(entry.probes.values()))) // (entry.num_steps - 1)
+        console.print(
+            f"probes: {per} per step between the calibrated steps; on another schedule (step count, shift) the curve "
+            "is mapped through them instead of a straight line between its steps",
+            highlight=False, soft_wrap=True, markup=False,
+        )
     if entry.settings:
         shown = ", ".join(f"{k}={v!r}" for k, v in entry.settings.items())
         console.print(f"recorded settings: {shown}", highlight=False, soft_wrap=True, markup=False)

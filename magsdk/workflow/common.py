@@ -33,6 +33,7 @@ from magsdk.codegen.validate import ModuleCheck, StrategyValidationError, check_
 from magsdk.config import CalibrationEntry, CalibrationResult, InspectionReport
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.registry import bundled_module_names
+from magsdk.runtime.api import MAX_PROBES
 from magsdk.strategy import MagCacheStrategy
 from magsdk.workflow.checks import (
     check_steps,
@@ -72,6 +73,8 @@ class CalibrationOptions(BaseModel):
     call_kwargs: dict[str, Any] = Field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
+    #: Between-step probes per step (``--probes P``; 0: none): P more transformer calls per step.
+    probes: int = 0
     #: The command as the user typed it; hints that add an option repeat it.
     invocation: str | None = None
 
@@ -79,7 +82,7 @@ class CalibrationOptions(BaseModel):
         return CalibrationRequest(
             steps=self.steps, prompts=self.prompts, prompts_source=self.prompts_source, seeds=self.seeds,
             height=self.height, width=self.width, call_kwargs=dict(self.call_kwargs), device=self.device,
-            dtype=self.dtype, driver=self.driver, inputs=self.inputs,
+            dtype=self.dtype, driver=self.driver, inputs=self.inputs, probes=self.probes,
         )
 
 
@@ -89,7 +92,8 @@ def option_args(options: CalibrationOptions) -> str:
     parts: list[str] = []
     for flag, value in (("--steps", options.steps), ("--seeds", options.seeds), ("--height", options.height),
                         ("--width", options.width), ("--device", options.device), ("--dtype", options.dtype),
-                        ("--driver", options.driver), ("--inputs", options.inputs)):
+                        ("--driver", options.driver), ("--inputs", options.inputs),
+                        ("--probes", options.probes or None)):
         if value is not None:
             parts += [flag, str(value)]
     if options.prompts_source and options.prompts_source.startswith("--prompts "):
@@ -109,6 +113,7 @@ def command_line(*words: str, options: CalibrationOptions) -> str:
 def check_options(options: CalibrationOptions) -> None:
     """Usage errors that need no model: raised before anything loads."""
     check_steps(options.steps)
+    check_probes_option(options.probes)
     if options.seeds is not None and options.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {options.seeds}")
     if options.prompts is not None and not [p for p in options.prompts if p.strip()]:
@@ -128,6 +133,15 @@ def check_options(options: CalibrationOptions) -> None:
         # scaffold --from-cache only inspects the model: its config is enough
         weights = getattr(options, "from_cache", None) is None
         check_model(options.model, weights=weights, invocation=options.invocation)
+
+
+def check_probes_option(probes: int) -> None:
+    """``--probes`` out of range fails here, before a model loads, in the option's own terms."""
+    if not 0 <= probes <= MAX_PROBES:
+        raise UsageError(
+            f"--probes must be a whole number from 0 (no probes) to {MAX_PROBES}, got {probes}: it is how many "
+            "timesteps between two steps calibration measures the curve at, e.g. --probes 4"
+        )
 
 
 def check_inputs_spec(spec: str) -> None:

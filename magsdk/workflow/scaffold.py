@@ -260,6 +260,7 @@ def scaffold_from_cache(options: ScaffoldOptions, *, log: Log = quiet) -> Scaffo
         ("--steps", options.steps), ("--prompts", options.prompts), ("--seeds", options.seeds),
         ("--driver", options.driver), ("--height", options.height), ("--width", options.width),
         ("--call-arg", options.call_kwargs or None), ("--device", options.device), ("--dtype", options.dtype),
+        ("--probes", options.probes or None),
     ) if value is not None]
     if ignored:
         raise UsageError(
