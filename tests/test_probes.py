@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tiny_models import flux_inputs, tiny_flux
+from reference_runs import generate, hand_loop, reference_pipe
+from tiny_models import tiny_flux
 
 import magsdk
 from magsdk.config import CalibrationEntry
@@ -22,19 +23,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def pipe() -> Any:
-    from magsdk.reference.components import build_pipeline
-
-    pipe = build_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe: Any, steps: int, seed: int = 0) -> torch.Tensor:
-    with torch.no_grad():
-        out = pipe("a cat", negative_prompt="blurry", true_cfg_scale=2.0, num_inference_steps=steps, height=32,
-                   width=32, max_sequence_length=16, output_type="latent",
-                   generator=torch.Generator().manual_seed(seed))
-    return out.images  # type: ignore[no-any-return]
+    return reference_pipe()
 
 
 @pytest.fixture(scope="module")
@@ -193,18 +182,6 @@ def test_a_shifted_pipeline_follows_the_probed_curve_and_plan_says_the_same(pipe
     without = magsdk.plan(unprobed, config, 12, "cond", timesteps=run_timesteps).curve
     assert with_probes != without
     assert magsdk.plan(result, config, STEPS, "cond").curve == magsdk.plan(unprobed, config, STEPS, "cond").curve
-
-
-def hand_loop(model: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, steps: int) -> torch.Tensor:
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 16, 4, generator=g)
-    cond = flux_inputs(model, side=4)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            pred = model(hidden_states=latents, timestep=t.expand(1) / 1000, **cond)[0]
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-    return latents
 
 
 def test_a_bare_transformer_probed_in_a_hand_loop_maps_online_as_with_its_scheduler():

@@ -12,7 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import reference_runs
 from cli_toys import TOY_TRANSFORMER, isolated_cli_logging  # noqa: F401  (an autouse fixture)
+from reference_runs import saved_reference_pipeline
 
 import magsdk
 from magsdk.cli import main
@@ -20,7 +22,6 @@ from magsdk.codegen import import_from_path, isolated_registry, read_calibration
 from magsdk.codegen.literal import format_entry
 from magsdk.codegen.validate import StrategyValidationError, check_calibrations
 from magsdk.config import CalibrationEntry
-from magsdk.reference.components import build_pipeline
 
 PROMPT = "a handwritten digit seven"
 SMALL = ("--height", "32", "--width", "32")
@@ -34,16 +35,12 @@ def no_mypy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "digits-pipeline"
-    build_pipeline(seed=0).save_pretrained(folder)
-    return folder
+    return saved_reference_pipeline(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text(f"{PROMPT}\n")
-    return path
+    return reference_runs.prompts_file(tmp_path_factory, PROMPT)
 
 
 def calibration_args(folder: Path, prompts: Path, steps: int, *extra: str) -> list[str]:

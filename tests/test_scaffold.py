@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import reference_runs
 import torch
 from diffusers import DiffusionPipeline
 from diffusers_features import MAG_CACHE, require
+from reference_runs import saved_reference_pipeline
 
 import magsdk
 import strategies
@@ -32,7 +34,6 @@ from magsdk.cli import main
 from magsdk.codegen import import_from_path, isolated_registry, read_calibrations
 from magsdk.codegen.patch import strip_calibrations
 from magsdk.errors import UsageError
-from magsdk.reference.components import build_pipeline
 from magsdk.registry import StrategyRegistry, discover_strategies
 from magsdk.workflow.common import default_strategy_name
 
@@ -44,16 +45,12 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "digits-pipeline"
-    build_pipeline(seed=0).save_pretrained(folder)
-    return folder
+    return saved_reference_pipeline(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text(f"# calibration prompts\n{PROMPT}\n")
-    return path
+    return reference_runs.prompts_file(tmp_path_factory, "# calibration prompts", PROMPT)
 
 
 def scaffold_args(folder: Path, out: Path, prompts: Path, *extra: str) -> list[str]:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tiny_models import flux_inputs, tiny_flux
+from reference_runs import generate, hand_loop, reference_pipe
+from tiny_models import tiny_flux
 
 import magsdk
 from magsdk.codegen.literal import round_entry
@@ -71,19 +72,7 @@ def test_the_first_ratios_start_up_jump_stays_at_the_first_step_of_a_finer_sched
 # -- runtime == plan, per branch, both mapping modes ---------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe() -> Any:
-    from magsdk.reference.components import build_pipeline
-
-    pipe = build_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe: Any, steps: int, seed: int = 0) -> torch.Tensor:
-    with torch.no_grad():
-        out = pipe("a cat", negative_prompt="blurry", true_cfg_scale=2.0, num_inference_steps=steps, height=32,
-                   width=32, max_sequence_length=16, output_type="latent",
-                   generator=torch.Generator().manual_seed(seed))
-    return out.images  # type: ignore[no-any-return]
+    return reference_pipe()
 
 
 @pytest.fixture(scope="module")
@@ -252,18 +241,6 @@ def test_a_run_outside_the_calibrated_range_warns_once_with_the_numbers(pipe, ca
 
 
 # -- online mapping: a hand loop that knows nothing of its schedule ---------------------------------------
-def hand_loop(model: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, steps: int) -> torch.Tensor:
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 16, 4, generator=g)
-    cond = flux_inputs(model, side=4)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            pred = model(hidden_states=latents, timestep=t.expand(1) / 1000, **cond)[0]
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-    return latents
-
-
 def test_online_mapping_computes_what_the_scheduler_aware_run_computes():
     model = tiny_flux()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
