@@ -181,9 +181,19 @@ class TimestepMap:
         return [self.curve[0], *(self.ratio(a, b, first=k == 0) for k, (a, b) in enumerate(pairs))]
 
     def outside(self, timesteps: Sequence[float], tolerance: float = 1e-3) -> list[float]:
-        """Timesteps beyond the calibrated range (the map holds the curve flat there: ratio 1)."""
+        """Timesteps beyond the calibrated range (the map holds the curve flat there: ratio 1).
+
+        A run's first timestep a little noisier than the calibration's first (less than the calibration's first
+        interval: diffusers' FlowMatch Wan runs start at 1000, the Wan repos' at 999) is not counted: step 0 is
+        always computed and the first ratio is the start-up jump, kept whole, so nothing is extrapolated there.
+        """
         span = max(self.high - self.low, 1e-12)
-        return [t for t in timesteps if t < self.low - tolerance * span or t > self.high + tolerance * span]
+        found = [t for t in timesteps if t < self.low - tolerance * span or t > self.high + tolerance * span]
+        if found and timesteps and found[0] == timesteps[0]:
+            beyond = (timesteps[0] - self.timesteps[0]) * -self.direction  # > 0: noisier than the first
+            if 0 < beyond < abs(self.timesteps[1] - self.timesteps[0]):
+                found = found[1:]
+        return found
 
     def retained(self, timestep: float, retention_index: int) -> bool:
         """Whether a step at ``timestep`` lies before the calibration's retention step (always computed)."""

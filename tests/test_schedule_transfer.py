@@ -240,6 +240,18 @@ def test_a_run_outside_the_calibrated_range_warns_once_with_the_numbers(pipe, ca
     assert plan.out_of_range and min(plan.out_of_range) < min(calibration.schedule.timesteps)
 
 
+def test_a_first_timestep_a_little_noisier_than_the_calibrations_first_is_not_out_of_range():
+    """Diffusers' FlowMatch Wan runs start at t = 1000, the Wan curves' schedules at 999: no warning for that (the
+    first ratio is the start-up jump, kept whole); a run starting a whole calibration interval higher still warns,
+    and so does one whose other timesteps leave the range."""
+    calibrated = [999.0 - 111.0 * i for i in range(9)]  # 999 .. 111
+    tmap = TimestepMap([1.0, 1.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.95], calibrated)
+    assert tmap.outside([1000.0, 900.0, 500.0, 200.0]) == []
+    assert tmap.outside([1000.0, 900.0, 100.0]) == [100.0]
+    assert tmap.outside([1111.0, 900.0]) == [1111.0]
+    assert tmap.outside([900.0, 1000.0]) == [1000.0]  # not the run's first: counted
+
+
 # -- online mapping: a hand loop that knows nothing of its schedule ---------------------------------------
 def test_online_mapping_computes_what_the_scheduler_aware_run_computes():
     model = tiny_flux()
