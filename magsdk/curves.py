@@ -258,6 +258,23 @@ class CurveTable:
         return cls(entry.num_steps, dict(entry.branches), stamps, entry.schedule, entry.source, entry.probes or None)
 
 
+def probes_fit_schedule(schedule: Sequence[float], arguments: Sequence[float] | None) -> bool:
+    """Whether probes (spaced evenly in the timestep argument) sit evenly in the scheduler's timesteps too.
+
+    True where the argument is an affine function of the scheduler's timestep (diffusers' flow-matching
+    pipelines pass t/1000 or 1 − t/1000), or where only one of them was recorded. Checked at the recorded
+    steps: relative deviation from the best straight line at most 1e-3 of the argument's range.
+    """
+    if arguments is None or len(arguments) != len(schedule) or len(schedule) < 3:
+        return True
+    xs, ys = np.asarray(schedule, dtype=np.float64), np.asarray(arguments, dtype=np.float64)
+    span = float(ys.max() - ys.min())
+    if span <= 0 or float(xs.max() - xs.min()) <= 0:
+        return True
+    slope, intercept = np.polyfit(xs, ys, 1)
+    return float(np.abs(slope * xs + intercept - ys).max()) <= 1e-3 * span
+
+
 def retention_steps(retention_ratio: float, num_steps: int) -> int:
     """Steps at the start that are always computed (diffusers rounds half up)."""
     return int(retention_ratio * num_steps + 0.5)
@@ -381,16 +398,17 @@ class CurveSource:
                 source += f" of branch {chosen!r} (the curves have no {branch!r}; taken by call position)"
         if self.resample != "index":
             probes = self.raw_probes(table, branch, position, module)
-            if probes:
-                source += f", shaped by {len(probes) // (len(raw) - 1)} probes per step,"
+            shaped = f", shaped by {len(probes) // (len(raw) - 1)} probes per step," if probes else ""
             if run.timesteps is not None and table.schedule is not None and len(table.schedule.timesteps) == len(raw):
+                if probes and not probes_fit_schedule(table.schedule.timesteps, table.timesteps):
+                    probes, shaped = None, ""  # spaced evenly in an argument that is not linear in these timesteps
                 tmap = TimestepMap(raw, table.schedule.timesteps, probes)
                 values = tmap.map(run.timesteps)
                 same = tmap.same_schedule(run.timesteps)
                 how = (
                     f"{source} as calibrated (same schedule)"
                     if same
-                    else f"{source} mapped through scheduler timesteps onto {len(values)} steps"
+                    else f"{source}{shaped} mapped through scheduler timesteps onto {len(values)} steps"
                     f" ({_describe_schedule(table.schedule)} → this run's)"
                 )
                 # the first retention_ratio of the run's own steps are kept, as a native calibration's run
@@ -404,8 +422,8 @@ class CurveSource:
             if table.timesteps is not None and len(table.timesteps) == len(raw):
                 tmap = TimestepMap(raw, table.timesteps, probes)
                 if self.budget and run.num_steps is not None:
-                    return self._planned_by_argument(tmap, raw, source, run, retention_index)
-                how = f"{source} mapped online through the transformer's timestep argument, call by call"
+                    return self._planned_by_argument(tmap, raw, source, run, retention_index, shaped)
+                how = f"{source}{shaped} mapped online through the transformer's timestep argument, call by call"
                 return MappedCurve(None, how, None, tmap, retention_index, (), True, (tmap.low, tmap.high))
             if self.resample == "timesteps":
                 raise UsageError(
@@ -425,7 +443,8 @@ class CurveSource:
         return MappedCurve(values, how, retention_steps(self.retention_ratio, run.num_steps))
 
     def _planned_by_argument(
-        self, tmap: TimestepMap, raw: list[float], source: str, run: RunSchedule, retention_index: int
+        self, tmap: TimestepMap, raw: list[float], source: str, run: RunSchedule, retention_index: int,
+        shaped: str = "",
     ) -> MappedCurve:
         """A budget run's curve, one ratio per step, from a curve that recorded only the transformer's timestep
         argument (a calibration of a bare transformer: no scheduler schedule).
@@ -445,7 +464,7 @@ class CurveSource:
             how = (
                 f"{source} as calibrated (same timestep arguments)"
                 if tmap.same_schedule(run.timesteps)
-                else f"{source} mapped through the given timestep arguments onto {n} steps"
+                else f"{source}{shaped} mapped through the given timestep arguments onto {n} steps"
             )
             return MappedCurve(values, how, retained, None, retention_index, tuple(tmap.outside(run.timesteps)),
                                True, (tmap.low, tmap.high))

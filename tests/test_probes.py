@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from reference_runs import generate, hand_loop, reference_pipe
-from tiny_models import tiny_flux
+from tiny_models import flux_inputs, tiny_flux
 
 import magsdk
 from magsdk.config import CalibrationEntry
@@ -205,3 +206,100 @@ def test_a_bare_transformer_probed_in_a_hand_loop_maps_online_as_with_its_schedu
     assert a.stats.skipped_calls > 0 and b.stats.skipped_calls > 0
     # online, the retention window is a noise level and may keep one step more (docs/design.md, section 6)
     assert abs(len(a.stats.computed_steps()) - len(b.stats.computed_steps())) <= 1
+
+
+# -- what goes wrong, handled ---------------------------------------------------------------------------
+def test_a_failing_probe_discards_its_generation_like_a_failing_call(pipe, probed):
+    """A probe's forward raising (out of memory, say) inside the block: that generation is left out, as when the
+    step's own call raises, and the generations around it keep their probes."""
+    clean, _ = probed
+    block_calls = [0]
+
+    def fail_once(*_: Any) -> None:
+        block_calls[0] += 1
+        # 2 calls at step 0, then per step: cond, its PROBES probes, uncond, its probes; fail at the last step's
+        # first probe, when every call of the generation has run (a partial run would be dropped by its length)
+        if block_calls[0] == 2 + (2 + 2 * PROBES) * (STEPS - 2) + 2:
+            raise RuntimeError("out of memory (simulated)")
+
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(fail_once)
+    try:
+        with magsdk.calibrate(pipe, probes=PROBES) as cal:
+            with pytest.raises(RuntimeError, match="simulated"):
+                generate(pipe, STEPS)
+            generate(pipe, STEPS)
+    finally:
+        hook.remove()
+    assert block_calls[0] > 5
+    for name, branch in cal.result.branches.items():
+        assert branch.num_runs == 1
+        assert branch.norm_ratios == clean.branches[name].norm_ratios
+        assert branch.probes == pytest.approx(clean.branches[name].probes, abs=1e-12)
+
+
+def test_two_transformers_keep_each_experts_probes_over_the_joined_run():
+    """Wan 2.2 A14B: each expert runs part of the steps; the joined curve keeps each one's probes, and the
+    interval where one hands over to the other (measured by neither) is spread evenly."""
+    import library_models
+
+    pipe, call = library_models.wan(two_transformers=True, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    with magsdk.calibrate(pipe, probes=2) as cal, torch.no_grad():
+        pipe(**call, num_inference_steps=8, generator=torch.Generator().manual_seed(0))
+    result = cal.result
+    assert result.probe_curves() is not None
+    switch = next(i for i, t in enumerate(result.schedule.timesteps) if t < 500)  # boundary_ratio 0.5: t < 500
+    for name, branch in result.branches.items():
+        assert len(branch.probes) == 2 * 7, name
+        handover = branch.probes[2 * (switch - 1): 2 * switch]
+        assert handover == [0.0, 0.0], name
+        assert any(v != 0.0 for v in branch.probes[: 2 * (switch - 1)] + branch.probes[2 * switch:]), name
+
+
+def test_the_mapping_says_shaped_by_probes_only_where_they_shaped_it(probed):
+    result, _ = probed
+    no_timesteps = magsdk.MagCacheConfig(mag_ratios=result.curves(), probes=result.probe_curves())
+    assert "probes" not in magsdk.plan(None, no_timesteps, 10).mapping  # resampled by index: probes unused
+    config = magsdk.MagCacheConfig(mag_ratios=result)
+    assert "shaped by 3 probes per step" in magsdk.plan(None, config, 10).mapping
+    assert "probes" not in magsdk.plan(None, config, STEPS).mapping  # its own schedule: as calibrated
+
+
+def test_probes_are_not_used_where_the_timestep_argument_is_not_linear_in_the_schedulers(caplog):
+    """Cosmos-style: argument σ/(σ+1) against scheduler timesteps 1000σ. Probes spaced evenly in the argument are
+    not evenly spaced in the scheduler's timesteps, so the scheduler-timestep map leaves them out, with a warning."""
+    from magsdk.curves import probes_fit_schedule
+
+    assert probes_fit_schedule([1000.0, 750.0, 500.0, 250.0], [1.0, 0.75, 0.5, 0.25])
+    assert probes_fit_schedule([1000.0, 750.0, 500.0, 250.0], [0.0, 0.25, 0.5, 0.75])  # Lumina2: 1 - t/1000
+    sigmas = [80.0, 20.0, 5.0, 1.0, 0.2]
+    assert not probes_fit_schedule([1000 * s for s in sigmas], [s / (s + 1) for s in sigmas])
+
+    model = tiny_flux()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    def loop(steps: int) -> None:
+        scheduler.set_timesteps(steps)
+        latents = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+        cond = flux_inputs(model, side=4)
+        with torch.no_grad():
+            for i, t in enumerate(scheduler.timesteps):
+                sigma = scheduler.sigmas[i] * 80
+                pred = model(hidden_states=latents, timestep=(sigma / (sigma + 1)).expand(1), **cond)[0]
+                latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+
+    with caplog.at_level(logging.WARNING, logger="magsdk"), magsdk.calibrate(model, scheduler=scheduler,
+                                                                             probes=2) as cal:
+        loop(8)
+    assert any("not proportional to the scheduler's timesteps" in r.getMessage() for r in caplog.records)
+    config = magsdk.MagCacheConfig(mag_ratios=cal.result)
+    planned = magsdk.plan(None, config, 12)
+    assert "mapped through scheduler timesteps" in planned.mapping and "probes" not in planned.mapping
+
+
+def test_a_calibration_of_two_step_counts_records_the_schedule_of_the_generations_it_averaged(pipe):
+    """The curve is the mean of the longest generations; its recorded schedule is theirs, not the last one's."""
+    with magsdk.calibrate(pipe) as cal:
+        generate(pipe, 7)
+        generate(pipe, 5)
+    assert cal.result.num_steps == 7 and len(cal.result.schedule.timesteps) == 7

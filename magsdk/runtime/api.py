@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, MagCacheConfig
-from magsdk.curves import CurveSource
+from magsdk.curves import CurveSource, probes_fit_schedule
 from magsdk.errors import BlockLayoutError, MagSDKError, UsageError
 from magsdk.patching import Patches
 from magsdk.planner import config_constraints
@@ -265,9 +265,27 @@ class CalibrationHandle(MagCacheHandle):
             first = self.sessions[0]
             if first.calibrated_schedule:
                 result.schedule = schedule_info(
-                    first.calibrated_schedule, scheduler, first.set_timesteps_kwargs, first.image_tokens
+                    first.calibrated_schedule, scheduler, first.calibrated_set_timesteps_kwargs, first.image_tokens
                 )
+        _check_probe_units(result)
         return result
+
+
+def _check_probe_units(result: CalibrationResult) -> None:
+    """Probes are spaced evenly in the transformer's timestep argument; a pipeline whose argument is not an affine
+    function of its scheduler's timesteps (Cosmos: σ/(σ+1) against 1000σ) places them elsewhere in the scheduler's,
+    so the map does not use them there (``probes_fit_schedule``): say so once, with the numbers."""
+    arguments = result.argument_timesteps()
+    if result.probe_curves() is None or result.schedule is None or arguments is None:
+        return
+    if not probes_fit_schedule(result.schedule.timesteps, arguments):
+        logger.warning(
+            "magsdk: the transformer's timestep argument (%s ...) is not proportional to the scheduler's timesteps "
+            "(%s ...), and probes are spaced evenly in the argument: runs mapped through the scheduler's timesteps "
+            "will not use them (a bare transformer's loop, mapped through the argument, does). Calibrate without "
+            "probes, or on the schedule you run",
+            ", ".join(f"{t:.4g}" for t in arguments[:3]), ", ".join(f"{t:.4g}" for t in result.schedule.timesteps[:3]),
+        )
 
 
 def enable(

@@ -202,6 +202,22 @@ def join_modules(parts: list[ModulePart], num_steps: int | None) -> dict[str, Br
     return joined
 
 
+def _probes_over_the_run(parts: list[tuple[int, BranchCalibration]], total: int) -> list[float]:
+    """Each part's probes at the intervals it measured (between two steps it ran, the later part winning), and
+    none (zeros: the growth spread evenly, as without probes) at the interval where one expert hands over to
+    the other, which neither measured. Empty unless every part was probed alike."""
+    counts = {len(b.probes) // (len(b.norm_ratios) - 1) for _, b in parts if len(b.norm_ratios) > 1 and b.probes}
+    if len(counts) != 1 or any(not b.probes for _, b in parts if len(b.norm_ratios) > 1):
+        return []
+    per = counts.pop()
+    rows = [[0.0] * per for _ in range(total - 1)]
+    for start, source in parts:
+        for offset in range(len(source.norm_ratios) - 1):
+            if 0 <= start + offset < total - 1:
+                rows[start + offset] = source.probes[offset * per : (offset + 1) * per]
+    return [v for row in rows for v in row]
+
+
 def _over_the_run(
     branch: BranchCalibration, first: int, donors: list[tuple[int, BranchCalibration]], total: int
 ) -> BranchCalibration:
@@ -217,6 +233,7 @@ def _over_the_run(
                 if 0 <= start + offset < total:
                     filled[column][start + offset] = value
     return BranchCalibration(
+        probes=_probes_over_the_run([*donors, (first, branch)], total),
         norm_ratios=[float(v) for v in filled["norm_ratios"] if v is not None],
         norm_stds=[float(v) for v in filled["norm_stds"] if v is not None] if branch.norm_stds else [],
         cos_dists=[float(v) for v in filled["cos_dists"] if v is not None] if branch.cos_dists else [],

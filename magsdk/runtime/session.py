@@ -155,8 +155,9 @@ class CacheSession:
         #: Checks once per generation that the ranks sharing this transformer hold the same plan.
         self.plan_guard: PlanGuard | None = None
         self.image_tokens: int | None = None
-        #: The scheduler's timesteps of the last calibrated generation.
+        #: The scheduler's timesteps of the longest calibrated generation, and its set_timesteps arguments.
         self.calibrated_schedule: list[float] | None = None
+        self.calibrated_set_timesteps_kwargs: dict[str, Any] = {}
         self.calibration_first_steps: dict[str, int] = {}
         self._generation_schedule: list[float] | None = None
         self._warnings = _Warnings()
@@ -233,6 +234,9 @@ class CacheSession:
                 after(call)
             except MetadataMismatchError as error:
                 session.stop(error)
+                raise
+            except BaseException:
+                session.abort_call()  # e.g. a calibration probe ran out of memory: the generation is discarded
                 raise
             return output
 
@@ -550,8 +554,11 @@ class CacheSession:
                 run[name] = state.recorder.finish(self.sequence_reducer)
             state.recorder = None  # recorded once, even if reset and a new generation both close it
         if run:
-            if self._generation_schedule is not None:
+            kept = self.calibrated_schedule
+            if self._generation_schedule is not None and (kept is None or len(self._generation_schedule) >= len(kept)):
+                # the curve is the mean of the longest generations (merge_runs): their schedule, not the last one's
                 self.calibrated_schedule = self._generation_schedule
+                self.calibrated_set_timesteps_kwargs = dict(self.set_timesteps_kwargs)
             if self.auto is not None:
                 self._auto_save(run)
             else:
