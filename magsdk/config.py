@@ -34,6 +34,10 @@ ReuseMode = Literal["auto", "residual", "scaled", "forecast"]
 FusedOrder = Literal["text_image", "image_text"]
 
 
+#: Probes per step at most: more cost more than a calibration on a schedule that many times denser.
+MAX_PROBES = 64
+
+
 def check_probes(field: str, values: Sequence[float], num_steps: int) -> None:
     """Between-step probes: P finite log growths per step but the last (P >= 1), flattened."""
     if not values:

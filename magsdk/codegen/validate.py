@@ -24,10 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import magsdk
 from magsdk.codegen.patch import CALIBRATIONS_NAME, read_calibrations
-from magsdk.config import CalibrationEntry, atomic_write_text
+from magsdk.config import MAX_PROBES, CalibrationEntry, atomic_write_text
 from magsdk.errors import MagSDKError
 from magsdk.registry import StrategyRegistry, strategies_of_module
-from magsdk.runtime.api import MAX_PROBES
 from magsdk.strategy import MagCacheStrategy
 
 #: Seconds one mypy run may take (a cold cache over magsdk's imports takes the longest).
@@ -90,26 +89,15 @@ def check_calibrations(raw: list[dict[str, object]], filename: str) -> list[Cali
 
 
 def _probe_problems(entry: CalibrationEntry, label: str) -> list[str]:
-    """The probes' branches and lengths, said as the spread's are (``CalibrationEntry`` refuses those too), and
-    what it lets through but no ``magsdk.calibrate`` writes: a branch with no probes, or branches probed unlike
-    each other, whose probes the runtime cannot average where it follows the curves' mean (it drops them)."""
+    """What ``CalibrationEntry`` lets through (it checks the probes' branches and lengths) but no
+    ``magsdk.calibrate`` writes: a branch with no probes, or branches probed unlike each other, whose probes the
+    runtime cannot average where it follows the curves' mean (it would drop them)."""
     if not entry.probes:
         return []
     problems: list[str] = []
-    intervals = entry.num_steps - 1
-    per_step = {branch: len(values) // intervals for branch, values in entry.probes.items()}
-    for branch in entry.branches:
-        if branch not in entry.probes:
-            problems.append(f"{label}: probes has no values for branch {branch!r}; give every branch's probes or none")
+    per_step = {branch: len(values) // (entry.num_steps - 1) for branch, values in entry.probes.items()}
     for branch, per in per_step.items():
-        if branch not in entry.branches:
-            problems.append(f"{label}: probes[{branch!r}] has no curve in branches")
-        elif len(entry.probes[branch]) % intervals:
-            problems.append(
-                f"{label}: probes[{branch!r}] has {len(entry.probes[branch])} values, not P per step for the "
-                f"{intervals} steps but the last"
-            )
-        elif not 1 <= per <= MAX_PROBES:
+        if not 1 <= per <= MAX_PROBES:
             problems.append(f"{label}: probes[{branch!r}] has {per} probes per step, expected 1 to {MAX_PROBES}")
     if len(set(per_step.values())) > 1:
         counts = ", ".join(f"{branch!r}: {per}" for branch, per in per_step.items())

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from magsdk.config import BlockMetadata, CalibrationResult, InspectionReport, MagCacheConfig
+from magsdk.config import MAX_PROBES, BlockMetadata, CalibrationResult, InspectionReport, MagCacheConfig
 from magsdk.curves import CurveSource, probes_fit_schedule
 from magsdk.errors import BlockLayoutError, MagSDKError, UsageError
 from magsdk.patching import Patches
@@ -328,10 +328,6 @@ def enable(
         target, config, strategy, metadata, scheduler, MagCacheHandle, int(keep_generations), auto_calibrate,
         parallelism,
     )
-
-
-#: More probes than this per step cost more than a calibration on a schedule that many times denser.
-MAX_PROBES = 64
 
 
 def calibrate(

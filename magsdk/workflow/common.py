@@ -30,10 +30,9 @@ from magsdk.codegen.literal import round_entry
 from magsdk.codegen.patch import StrategyFileError, read_calibrations, strip_calibrations, upsert_calibration
 from magsdk.codegen.render import check_module_name, default_module_name
 from magsdk.codegen.validate import ModuleCheck, StrategyValidationError, check_calibrations
-from magsdk.config import CalibrationEntry, CalibrationResult, InspectionReport
+from magsdk.config import MAX_PROBES, CalibrationEntry, CalibrationResult, InspectionReport
 from magsdk.errors import MagSDKError, UsageError
 from magsdk.registry import bundled_module_names
-from magsdk.runtime.api import MAX_PROBES
 from magsdk.strategy import MagCacheStrategy
 from magsdk.workflow.checks import (
     check_steps,
